@@ -1,0 +1,82 @@
+#include "transfer/record/rope_params.h"
+
+#include <xxhash.h>
+
+#include <cmath>
+#include <cstring>
+#include <numbers>
+
+namespace relaykv {
+
+Status RopeParams::Validate(int32_t head_size) const {
+  if (!(theta > 1.f) || !std::isfinite(theta)) {
+    return InvalidArgument("rope.theta must be a finite value > 1, got " + std::to_string(theta));
+  }
+  const int32_t rd = rotary_dim == 0 ? head_size : rotary_dim;
+  if (rd <= 0 || rd > head_size || rd % 2 != 0) {
+    return InvalidArgument("rope.rotary_dim must be even and in (0, head_size=" +
+                           std::to_string(head_size) + "], got " + std::to_string(rotary_dim));
+  }
+  if (static_cast<uint8_t>(style) > 1) return InvalidArgument("rope.style has an unknown code");
+  if (static_cast<uint8_t>(scaling) > 2) return InvalidArgument("rope.scaling has an unknown code");
+  if (scaling != RopeScaling::kNone && !(factor > 0.f)) {
+    return InvalidArgument("rope.factor must be > 0 when scaling is set");
+  }
+  if (scaling == RopeScaling::kLlama3) {
+    if (!(high_freq_factor > low_freq_factor) || original_max_position <= 0) {
+      return InvalidArgument(
+          "llama3 rope scaling needs high_freq_factor > low_freq_factor and "
+          "original_max_position > 0");
+    }
+  }
+  return Status::Ok();
+}
+
+std::vector<double> RopeParams::InverseFrequencies(int32_t head_size) const {
+  const int32_t rd = rotary_dim == 0 ? head_size : rotary_dim;
+  std::vector<double> inv(rd / 2);
+  for (int32_t i = 0; i < rd / 2; ++i) {
+    inv[i] = 1.0 / std::pow(static_cast<double>(theta), (2.0 * i) / rd);
+  }
+  if (scaling == RopeScaling::kLinear) {
+    for (double& f : inv) f /= factor;
+  } else if (scaling == RopeScaling::kLlama3) {
+    const double low_wavelen = original_max_position / static_cast<double>(low_freq_factor);
+    const double high_wavelen = original_max_position / static_cast<double>(high_freq_factor);
+    for (double& f : inv) {
+      const double wavelen = 2.0 * std::numbers::pi / f;
+      if (wavelen < high_wavelen) continue;  // high frequency: unchanged
+      if (wavelen > low_wavelen) {
+        f /= factor;
+      } else {
+        const double smooth = (original_max_position / wavelen - low_freq_factor) /
+                              (high_freq_factor - low_freq_factor);
+        f = (1.0 - smooth) * f / factor + smooth * f;
+      }
+    }
+  }
+  return inv;
+}
+
+uint64_t RopeParams::Fingerprint() const {
+  uint8_t buf[26];
+  std::memcpy(buf + 0, &theta, 4);
+  std::memcpy(buf + 4, &rotary_dim, 4);
+  buf[8] = static_cast<uint8_t>(style);
+  buf[9] = static_cast<uint8_t>(scaling);
+  std::memcpy(buf + 10, &factor, 4);
+  std::memcpy(buf + 14, &low_freq_factor, 4);
+  std::memcpy(buf + 18, &high_freq_factor, 4);
+  std::memcpy(buf + 22, &original_max_position, 4);
+  return XXH64(buf, sizeof(buf), /*seed=*/0x726f7065ULL);
+}
+
+std::string RopeParams::ToString() const {
+  static const char* kStyles[] = {"neox", "interleaved"};
+  static const char* kScalings[] = {"none", "linear", "llama3"};
+  return "RopeParams(theta=" + std::to_string(theta) + ", rotary_dim=" +
+         std::to_string(rotary_dim) + ", style=" + kStyles[static_cast<int>(style) & 1] +
+         ", scaling=" + kScalings[static_cast<int>(scaling) % 3] + ")";
+}
+
+}  // namespace relaykv

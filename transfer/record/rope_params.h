@@ -1,0 +1,46 @@
+// Rotary position embedding parameters, as carried in a record header.
+//
+// A record's K was rotated at its source positions with these parameters; the
+// importer re-rotates by the position delta and must use the same frequencies,
+// so a mismatch is a reason to refuse the record.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "transfer/common/status.h"
+
+namespace relaykv {
+
+enum class RopeStyle : uint8_t {
+  kNeox = 0,         // pairs (i, i + rotary_dim/2): Llama, Qwen, Mistral in HF layout
+  kInterleaved = 1,  // pairs (2i, 2i+1): GPT-J style
+};
+
+enum class RopeScaling : uint8_t {
+  kNone = 0,
+  kLinear = 1,  // inv_freq / factor
+  kLlama3 = 2,  // Llama 3.x frequency-dependent scaling
+};
+
+struct RopeParams {
+  float theta = 10000.f;
+  int32_t rotary_dim = 0;  // <= head_size; 0 means head_size
+  RopeStyle style = RopeStyle::kNeox;
+  RopeScaling scaling = RopeScaling::kNone;
+  float factor = 1.f;
+  float low_freq_factor = 1.f;
+  float high_freq_factor = 4.f;
+  int32_t original_max_position = 8192;
+
+  Status Validate(int32_t head_size) const;
+  // rotary_dim/2 inverse frequencies (radians per position), in double so a
+  // re-rotation by thousands of positions keeps full precision.
+  std::vector<double> InverseFrequencies(int32_t head_size) const;
+  uint64_t Fingerprint() const;
+  std::string ToString() const;
+  bool operator==(const RopeParams&) const = default;
+};
+
+}  // namespace relaykv
