@@ -1,0 +1,3 @@
+from relaykv.cli import main
+
+raise SystemExit(main())
