@@ -43,6 +43,7 @@ void RegisterStatusExceptions(nb::module_& m) {
       {StatusCode::kPermissionDenied, "PermissionDeniedError", PyExc_PermissionError},
       {StatusCode::kUnimplemented, "UnimplementedError", PyExc_NotImplementedError},
       {StatusCode::kInternal, "InternalError", nullptr},
+      {StatusCode::kAborted, "AbortedError", nullptr},
   };
   for (const CodeClass& c : classes) {
     const std::string qualified = std::string("relaykv._relaykv.") + c.name;

@@ -27,6 +27,7 @@ enum class StatusCode : uint8_t {
   kPermissionDenied,   // bad token, wrong tenant
   kUnimplemented,
   kInternal,
+  kAborted,            // the data changed under the caller (e.g. a record replaced); retry or recompute
 };
 
 std::string_view StatusCodeName(StatusCode code);
@@ -105,6 +106,11 @@ inline Status Unimplemented(std::string msg,
 inline Status Internal(std::string msg,
                        std::source_location loc = std::source_location::current()) {
   return Status(StatusCode::kInternal, std::move(msg), loc);
+}
+
+inline Status Aborted(std::string msg,
+                      std::source_location loc = std::source_location::current()) {
+  return Status(StatusCode::kAborted, std::move(msg), loc);
 }
 
 // Result<T>: a value or the Status that explains why there is none.

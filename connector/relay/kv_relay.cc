@@ -1,0 +1,250 @@
+#include "connector/relay/kv_relay.h"
+
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "connector/kv_ops/rope.h"
+#include "transfer/record/record.h"
+
+namespace relaykv {
+
+Status InstanceIdentity::Validate() const {
+  RELAYKV_RETURN_IF_ERROR(layout.Validate());
+  RELAYKV_RETURN_IF_ERROR(rope.Validate(layout.head_size));
+  if (tenant.size() > kRecordMaxTenantSize) {
+    return InvalidArgument("tenant must be at most " + std::to_string(kRecordMaxTenantSize) +
+                           " bytes, got " + std::to_string(tenant.size()));
+  }
+  return Status::Ok();
+}
+
+std::string_view ImportFailureName(ImportFailure f) {
+  switch (f) {
+    case ImportFailure::kNotFound: return "not_found";
+    case ImportFailure::kCorrupt: return "corrupt";
+    case ImportFailure::kMismatch: return "mismatch";
+    case ImportFailure::kTokenMismatch: return "token_mismatch";
+    case ImportFailure::kInvalid: return "invalid";
+    case ImportFailure::kOther: return "other";
+  }
+  return "other";
+}
+
+ImportFailure ClassifyImportFailure(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kNotFound: return ImportFailure::kNotFound;
+    case StatusCode::kDataLoss: return ImportFailure::kCorrupt;
+    case StatusCode::kFailedPrecondition:
+    case StatusCode::kPermissionDenied: return ImportFailure::kMismatch;
+    case StatusCode::kAborted: return ImportFailure::kTokenMismatch;
+    case StatusCode::kInvalidArgument: return ImportFailure::kInvalid;
+    default: return ImportFailure::kOther;
+  }
+}
+
+uint64_t RecordIdFor(const InstanceIdentity& identity, std::span<const int32_t> tokens,
+                     int32_t seq_begin) {
+  XXH64_state_t* st = XXH64_createState();
+  XXH64_reset(st, identity.model_fingerprint);
+  const uint64_t layout_fp = identity.layout.Fingerprint();
+  const uint64_t rope_fp = identity.rope.Fingerprint();
+  XXH64_update(st, &layout_fp, sizeof(layout_fp));
+  XXH64_update(st, &rope_fp, sizeof(rope_fp));
+  XXH64_update(st, identity.tenant.data(), identity.tenant.size());
+  XXH64_update(st, &seq_begin, sizeof(seq_begin));
+  XXH64_update(st, tokens.data(), tokens.size_bytes());
+  const uint64_t id = XXH64_digest(st);
+  XXH64_freeState(st);
+  return id;
+}
+
+Result<std::unique_ptr<KvRelay>> KvRelay::Create(InstanceIdentity identity,
+                                                 StoreOptions store_options,
+                                                 SpanIndexOptions index_options) {
+  RELAYKV_RETURN_IF_ERROR(identity.Validate());
+  std::unique_ptr<KvRelay> relay(new KvRelay(std::move(identity)));
+  RELAYKV_ASSIGN_OR_RETURN(relay->index_, SpanIndex::Create(std::move(index_options)));
+  // SpanIndex::Remove is thread-safe and ignores ids it does not hold.
+  SpanIndex* index = relay->index_.get();
+  RemovalListener user_listener = std::move(store_options.on_removal);
+  store_options.on_removal = [index, user_listener](RecordId id, RemovalReason reason) {
+    index->Remove(id);
+    if (user_listener) user_listener(id, reason);
+  };
+  RELAYKV_ASSIGN_OR_RETURN(relay->store_, EmbeddedStore::Create(std::move(store_options)));
+  return relay;
+}
+
+Status KvRelay::CheckCache(const PagedKvCache& cache) const {
+  RELAYKV_RETURN_IF_ERROR(cache.Validate());
+  if (!(cache.layout == identity_.layout)) {
+    return InvalidArgument("paged cache layout " + cache.layout.ToString() +
+                           " differs from this instance's " + identity_.layout.ToString());
+  }
+  if (cache.on_device) {
+    return Unimplemented("device-resident caches need the CUDA relay path");
+  }
+  return Status::Ok();
+}
+
+Result<ExportResult> KvRelay::Export(const PagedKvCache& cache,
+                                     std::span<const int32_t> block_table,
+                                     std::span<const int32_t> tokens, int32_t seq_begin) {
+  auto fail = [this](Status s) {
+    m_.export_failures.fetch_add(1, std::memory_order_relaxed);
+    return s;
+  };
+  if (Status s = CheckCache(cache); !s.ok()) return fail(s);
+  if (tokens.empty()) return fail(InvalidArgument("nothing to export: no tokens"));
+  if (seq_begin < 0) return fail(InvalidArgument("seq_begin must be >= 0"));
+  const auto count = static_cast<int32_t>(tokens.size());
+  if (Status s = ValidatePagedRange(cache, block_table, seq_begin, count, /*device=*/false);
+      !s.ok()) {
+    return fail(s);
+  }
+
+  RecordMeta meta;
+  meta.model_fingerprint = identity_.model_fingerprint;
+  meta.layout = identity_.layout;
+  meta.rope = identity_.rope;
+  meta.tenant = identity_.tenant;
+  auto size = RecordSize(meta, count);
+  if (!size.ok()) return fail(size.status());
+
+  ExportResult result;
+  result.record_id = RecordIdFor(identity_, tokens, seq_begin);
+  result.bytes = *size;
+  if (store_->Contains(result.record_id)) {
+    // The id covers every byte that decides the content, so the stored record is this one.
+    result.deduplicated = true;
+    m_.export_dedup.fetch_add(1, std::memory_order_relaxed);
+    return result;
+  }
+  auto handle = store_->Reserve(result.record_id, *size);
+  if (!handle.ok()) {
+    if (handle.status().code() == StatusCode::kAlreadyExists) {  // a concurrent export won
+      result.deduplicated = true;
+      m_.export_dedup.fetch_add(1, std::memory_order_relaxed);
+      return result;
+    }
+    return fail(handle.status().WithContext("export reserve"));
+  }
+
+  std::vector<int32_t> positions(tokens.size());
+  for (int32_t i = 0; i < count; ++i) positions[i] = seq_begin + i;
+  auto writer =
+      RecordWriter::Create(meta, tokens, positions, handle->data(), handle->size());
+  if (!writer.ok()) return fail(writer.status());
+  const KvPayload payload{writer->payload(), count, identity_.layout, /*on_device=*/false};
+  if (Status s = GatherKv(cache, block_table, seq_begin, count, payload, 0); !s.ok()) {
+    return fail(s.WithContext("export gather"));
+  }
+  writer->Seal();
+  if (Status s = handle->Seal(); !s.ok()) return fail(s);
+  // Index after sealing so a lookup never names a record a reader cannot get.
+  if (Status s = index_->Insert(identity_.Namespace(), result.record_id, tokens); !s.ok()) {
+    if (s.code() != StatusCode::kAlreadyExists) return fail(s);
+  }
+  m_.exports.fetch_add(1, std::memory_order_relaxed);
+  m_.export_bytes.fetch_add(result.bytes, std::memory_order_relaxed);
+  return result;
+}
+
+std::vector<Span> KvRelay::Lookup(std::span<const int32_t> prompt, int32_t begin) {
+  std::vector<Span> spans = index_->Lookup(identity_.Namespace(), prompt, begin);
+  m_.lookups.fetch_add(1, std::memory_order_relaxed);
+  uint64_t matched = 0;
+  for (const Span& s : spans) matched += static_cast<uint64_t>(s.length);
+  m_.lookup_tokens_matched.fetch_add(matched, std::memory_order_relaxed);
+  return spans;
+}
+
+Result<ImportResult> KvRelay::Import(const Span& span, std::span<const int32_t> prompt,
+                                     const PagedKvCache& cache,
+                                     std::span<const int32_t> block_table) {
+  auto result = ImportLocked(span, prompt, cache, block_table);
+  if (result.ok()) {
+    m_.imports.fetch_add(1, std::memory_order_relaxed);
+    m_.import_tokens.fetch_add(static_cast<uint64_t>(result->tokens), std::memory_order_relaxed);
+    m_.import_bytes.fetch_add(result->bytes, std::memory_order_relaxed);
+  } else {
+    const auto reason = static_cast<size_t>(ClassifyImportFailure(result.status()));
+    m_.import_failures[reason].fetch_add(1, std::memory_order_relaxed);
+  }
+  return result;
+}
+
+Result<ImportResult> KvRelay::ImportLocked(const Span& span, std::span<const int32_t> prompt,
+                                           const PagedKvCache& cache,
+                                           std::span<const int32_t> block_table) {
+  RELAYKV_RETURN_IF_ERROR(CheckCache(cache));
+  if (span.length <= 0 || span.src_offset < 0 || span.dst_offset < 0 ||
+      static_cast<int64_t>(span.dst_offset) + span.length > static_cast<int64_t>(prompt.size())) {
+    return InvalidArgument("span [" + std::to_string(span.dst_offset) + ", +" +
+                           std::to_string(span.length) + ") does not fit a prompt of " +
+                           std::to_string(prompt.size()) + " tokens");
+  }
+  RELAYKV_ASSIGN_OR_RETURN(ReadLease lease, store_->Get(span.record_id));
+  RELAYKV_ASSIGN_OR_RETURN(RecordView view, ParseRecord(lease.data(), lease.size()));
+  RELAYKV_RETURN_IF_ERROR(CheckCompatible(view, identity_.model_fingerprint, identity_.layout,
+                                          identity_.rope, identity_.tenant));
+  if (static_cast<int64_t>(span.src_offset) + span.length > view.num_tokens()) {
+    return Aborted("span reaches past the record's " +
+                                            std::to_string(view.num_tokens()) + " tokens");
+  }
+  // The index verified these tokens when it answered; the record may have been
+  // replaced since, so they are checked again against the bytes being imported.
+  const auto src_tokens = view.tokens().subspan(span.src_offset, span.length);
+  if (!std::equal(src_tokens.begin(), src_tokens.end(), prompt.begin() + span.dst_offset)) {
+    return Aborted("record " + std::to_string(span.record_id) +
+                                            " no longer holds the prompt's tokens");
+  }
+  RELAYKV_RETURN_IF_ERROR(
+      ValidatePagedRange(cache, block_table, span.dst_offset, span.length, /*device=*/false));
+
+  const KvPayload payload{const_cast<uint8_t*>(view.payload()), view.num_tokens(),
+                          identity_.layout, /*on_device=*/false};
+  RELAYKV_RETURN_IF_ERROR(
+      ScatterKv(payload, span.src_offset, span.length, cache, block_table, span.dst_offset));
+
+  // K was rotated at the record's positions; rotate it to the prompt's.
+  const auto src_pos = view.positions().subspan(span.src_offset, span.length);
+  std::vector<int64_t> deltas(span.length);
+  bool uniform = true;
+  for (int32_t i = 0; i < span.length; ++i) {
+    deltas[i] = static_cast<int64_t>(span.dst_offset) + i - src_pos[i];
+    uniform = uniform && deltas[i] == deltas[0];
+  }
+  if (uniform) {
+    RELAYKV_RETURN_IF_ERROR(RerotateK(cache, block_table, span.dst_offset, span.length,
+                                      identity_.rope, deltas[0]));
+  } else {
+    RELAYKV_RETURN_IF_ERROR(
+        RerotateKPerToken(cache, block_table, span.dst_offset, deltas, identity_.rope));
+  }
+  ImportResult result;
+  result.tokens = span.length;
+  result.bytes = static_cast<uint64_t>(span.length) * identity_.layout.TokenBytes() * 2 *
+                 static_cast<uint64_t>(identity_.layout.num_layers);
+  result.position_delta = deltas[0];
+  return result;
+}
+
+RelayMetrics KvRelay::Metrics() const {
+  RelayMetrics out;
+  out.exports = m_.exports.load();
+  out.export_dedup = m_.export_dedup.load();
+  out.export_failures = m_.export_failures.load();
+  out.export_bytes = m_.export_bytes.load();
+  out.imports = m_.imports.load();
+  out.import_tokens = m_.import_tokens.load();
+  out.import_bytes = m_.import_bytes.load();
+  for (size_t i = 0; i < kNumImportFailures; ++i) out.import_failures[i] = m_.import_failures[i].load();
+  out.lookups = m_.lookups.load();
+  out.lookup_tokens_matched = m_.lookup_tokens_matched.load();
+  return out;
+}
+
+}  // namespace relaykv

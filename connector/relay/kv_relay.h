@@ -1,0 +1,136 @@
+// KvRelay: the export and import halves of the data flow, on one instance.
+//
+// Export gathers a sequence's KV from the paged cache straight into space
+// reserved in the store (no staging copy), seals the record and indexes its
+// tokens. Import verifies a stored record against this instance (checksums,
+// model, layout, RoPE, tenant, the tokens themselves), scatters the span into
+// the destination blocks and re-rotates K to the span's new positions.
+//
+// Every failure comes back as a Status and is counted by reason; the caller
+// recomputes the affected tokens. Nothing half-imported is reported as done:
+// on failure the destination blocks hold unspecified bytes the caller must
+// overwrite by computing those tokens.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "connector/kv_ops/paged_kv.h"
+#include "connector/span_index/span_index.h"
+#include "transfer/common/status.h"
+#include "transfer/record/kv_layout.h"
+#include "transfer/record/rope_params.h"
+#include "transfer/store/embedded_store.h"
+
+namespace relaykv {
+
+// What an instance is: records cross between instances only when all of it agrees.
+struct InstanceIdentity {
+  uint64_t model_fingerprint = 0;
+  KvLayout layout;
+  RopeParams rope;
+  std::string tenant;
+
+  Status Validate() const;
+  SpanNamespace Namespace() const {
+    return SpanNamespace{model_fingerprint, layout.Fingerprint(), tenant};
+  }
+};
+
+// Why an import fell back to recompute; indexes RelayMetrics::import_failures.
+enum class ImportFailure : uint8_t {
+  kNotFound = 0,    // evicted or never stored
+  kCorrupt,         // checksum or format error
+  kMismatch,        // model, layout, RoPE or tenant differ
+  kTokenMismatch,   // the record no longer holds the tokens the index promised
+  kInvalid,         // bad request (destination out of range, ...)
+  kOther,
+};
+inline constexpr size_t kNumImportFailures = 6;
+std::string_view ImportFailureName(ImportFailure f);
+ImportFailure ClassifyImportFailure(const Status& s);
+
+struct RelayMetrics {
+  uint64_t exports = 0;
+  uint64_t export_dedup = 0;  // same content already stored
+  uint64_t export_failures = 0;
+  uint64_t export_bytes = 0;
+  uint64_t imports = 0;
+  uint64_t import_tokens = 0;
+  uint64_t import_bytes = 0;
+  std::array<uint64_t, kNumImportFailures> import_failures{};
+  uint64_t lookups = 0;
+  uint64_t lookup_tokens_matched = 0;
+};
+
+struct ExportResult {
+  uint64_t record_id = 0;
+  uint64_t bytes = 0;
+  bool deduplicated = false;  // an identical record was already stored
+};
+
+struct ImportResult {
+  int32_t tokens = 0;
+  uint64_t bytes = 0;
+  int64_t position_delta = 0;  // of the first token; per-token deltas may differ
+};
+
+class KvRelay {
+ public:
+  // Owns an embedded store and a span index wired together: whatever the
+  // store evicts disappears from the index.
+  static Result<std::unique_ptr<KvRelay>> Create(InstanceIdentity identity,
+                                                 StoreOptions store_options,
+                                                 SpanIndexOptions index_options = {});
+
+  // Exports sequence tokens [seq_begin, seq_begin + tokens.size()) whose KV sits
+  // in `cache` under `block_table`; `tokens[i]` is the id at position
+  // seq_begin + i. The record id is derived from the content.
+  Result<ExportResult> Export(const PagedKvCache& cache, std::span<const int32_t> block_table,
+                              std::span<const int32_t> tokens, int32_t seq_begin);
+
+  // Spans of `prompt` (from `begin` on) that stored records cover.
+  std::vector<Span> Lookup(std::span<const int32_t> prompt, int32_t begin = 0);
+
+  // Imports one span into prompt positions [span.dst_offset, +span.length).
+  Result<ImportResult> Import(const Span& span, std::span<const int32_t> prompt,
+                              const PagedKvCache& cache, std::span<const int32_t> block_table);
+
+  RelayMetrics Metrics() const;
+  StoreStats store_stats() const { return store_->Stats(); }
+  const InstanceIdentity& identity() const { return identity_; }
+  EmbeddedStore& store() { return *store_; }
+  SpanIndex& index() { return *index_; }
+
+ private:
+  explicit KvRelay(InstanceIdentity identity) : identity_(std::move(identity)) {}
+  Status CheckCache(const PagedKvCache& cache) const;
+  Result<ImportResult> ImportLocked(const Span& span, std::span<const int32_t> prompt,
+                                    const PagedKvCache& cache,
+                                    std::span<const int32_t> block_table);
+
+  InstanceIdentity identity_;
+  // The store's removal listener points at the index: the index is declared
+  // first so it is destroyed last.
+  std::unique_ptr<SpanIndex> index_;
+  std::unique_ptr<EmbeddedStore> store_;
+
+  struct AtomicMetrics {
+    std::atomic<uint64_t> exports{0}, export_dedup{0}, export_failures{0}, export_bytes{0};
+    std::atomic<uint64_t> imports{0}, import_tokens{0}, import_bytes{0};
+    std::array<std::atomic<uint64_t>, kNumImportFailures> import_failures{};
+    std::atomic<uint64_t> lookups{0}, lookup_tokens_matched{0};
+  };
+  AtomicMetrics m_;
+};
+
+// Content-derived record id: namespace and tokens and positions.
+uint64_t RecordIdFor(const InstanceIdentity& identity, std::span<const int32_t> tokens,
+                     int32_t seq_begin);
+
+}  // namespace relaykv
