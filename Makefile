@@ -45,8 +45,12 @@ test-python:
 demo: build
 	$(PY) -m relaykv demo
 
+# Benchmarks write JSON lines into results/ (one file per benchmark).
+BENCHES := span_index kv_ops store
 bench: build
-	$(PY) -m relaykv bench all --out results
+	@mkdir -p results
+	@set -e; for b in $(BENCHES); do echo "== $$b"; $(BUILD)/tests/bench/$$b/$${b}_bench | tee results/$$b.jsonl; done
+	$(PY) -m relaykv demo --json results/relay_demo.jsonl
 
 format:
 	clang-format -i $$(git ls-files '*.h' '*.cc' '*.cu')
