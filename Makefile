@@ -24,7 +24,10 @@ CONFIGURE_FLAGS := -G Ninja -DCMAKE_BUILD_TYPE=Release \
 setup:
 	@bash deploy/bootstrap.sh
 
-$(BUILD)/build.ninja: CMakeLists.txt | setup
+# Any CMakeLists.txt that is added or changed re-runs the configure (the tree adds
+# module folders when they exist, which ninja alone cannot notice).
+CMAKE_LISTS := $(shell find . -name CMakeLists.txt -not -path './build*' -not -path './.venv/*')
+$(BUILD)/build.ninja: $(CMAKE_LISTS) | setup
 	cmake -S . -B $(BUILD) $(CONFIGURE_FLAGS)
 
 build: setup $(BUILD)/build.ninja
@@ -46,7 +49,7 @@ demo: build
 	$(PY) -m relaykv demo
 
 # Benchmarks write JSON lines into results/ (one file per benchmark).
-BENCHES := span_index kv_ops store
+BENCHES := span_index kv_ops store transport
 bench: build
 	@mkdir -p results
 	@set -e; for b in $(BENCHES); do echo "== $$b"; $(BUILD)/tests/bench/$$b/$${b}_bench | tee results/$$b.jsonl; done
