@@ -53,7 +53,7 @@ BENCHES := span_index kv_ops store transport
 bench: build
 	@mkdir -p results
 	@set -e; for b in $(BENCHES); do echo "== $$b"; $(BUILD)/tests/bench/$$b/$${b}_bench | tee results/$$b.jsonl; done
-	$(PY) -m relaykv demo --json results/relay_demo.jsonl
+	$(PY) -m relaykv bench relay --tasks 2 --agents 5 --max-new-tokens 96 --threads 1 --out results/relay.jsonl
 
 format:
 	clang-format -i $$(git ls-files '*.h' '*.cc' '*.cu')

@@ -89,9 +89,38 @@ Status KvRelay::CheckCache(const PagedKvCache& cache) const {
   return Status::Ok();
 }
 
+namespace {
+
+// Checks `hidden` against a record of `count` tokens and copies its layer list into `meta`.
+Status AttachHidden(const HiddenCheckpoints& hidden, int32_t count, RecordMeta& meta) {
+  if (hidden.layers.empty()) return Status::Ok();
+  meta.hidden_layers = hidden.layers;
+  meta.hidden_size = hidden.hidden_size;
+  RELAYKV_RETURN_IF_ERROR(meta.Validate());
+  const uint64_t want = static_cast<uint64_t>(hidden.layers.size()) * static_cast<uint64_t>(count) *
+                        static_cast<uint64_t>(hidden.hidden_size) *
+                        static_cast<uint64_t>(DTypeSize(meta.layout.dtype));
+  if (hidden.data.size() != want) {
+    return InvalidArgument(
+        "hidden checkpoints hold " + std::to_string(hidden.data.size()) + " bytes, expected " +
+        std::to_string(want) + " (" + std::to_string(hidden.layers.size()) + " checkpoints x " +
+        std::to_string(count) + " tokens x " + std::to_string(hidden.hidden_size) + " elements)");
+  }
+  return Status::Ok();
+}
+
+uint64_t MixHiddenLayers(uint64_t id, const RecordMeta& meta) {
+  if (meta.hidden_layers.empty()) return id;
+  return XXH64(meta.hidden_layers.data(), meta.hidden_layers.size() * sizeof(int32_t),
+               id ^ static_cast<uint64_t>(meta.hidden_size));
+}
+
+}  // namespace
+
 Result<ExportResult> KvRelay::Export(const PagedKvCache& cache,
                                      std::span<const int32_t> block_table,
-                                     std::span<const int32_t> tokens, int32_t seq_begin) {
+                                     std::span<const int32_t> tokens, int32_t seq_begin,
+                                     const HiddenCheckpoints* hidden) {
   auto fail = [this](Status s) {
     m_.export_failures.fetch_add(1, std::memory_order_relaxed);
     return s;
@@ -110,11 +139,14 @@ Result<ExportResult> KvRelay::Export(const PagedKvCache& cache,
   meta.layout = identity_.layout;
   meta.rope = identity_.rope;
   meta.tenant = identity_.tenant;
+  if (hidden != nullptr) {
+    if (Status s = AttachHidden(*hidden, count, meta); !s.ok()) return fail(s);
+  }
   auto size = RecordSize(meta, count);
   if (!size.ok()) return fail(size.status());
 
   ExportResult result;
-  result.record_id = RecordIdFor(identity_, tokens, seq_begin);
+  result.record_id = MixHiddenLayers(RecordIdFor(identity_, tokens, seq_begin), meta);
   result.bytes = *size;
   if (store_->Contains(result.record_id)) {
     // The id covers every byte that decides the content, so the stored record is this one.
@@ -140,6 +172,13 @@ Result<ExportResult> KvRelay::Export(const PagedKvCache& cache,
   const KvPayload payload{writer->payload(), count, identity_.layout, /*on_device=*/false};
   if (Status s = GatherKv(cache, block_table, seq_begin, count, payload, 0); !s.ok()) {
     return fail(s.WithContext("export gather"));
+  }
+  if (!meta.hidden_layers.empty()) {
+    const size_t per_checkpoint = hidden->data.size() / meta.hidden_layers.size();
+    for (size_t c = 0; c < meta.hidden_layers.size(); ++c) {
+      std::memcpy(writer->hidden(static_cast<int32_t>(c)), hidden->data.data() + c * per_checkpoint,
+                  per_checkpoint);
+    }
   }
   writer->Seal();
   if (Status s = handle->Seal(); !s.ok()) return fail(s);
@@ -176,31 +215,54 @@ Result<ImportResult> KvRelay::Import(const Span& span, std::span<const int32_t> 
   return result;
 }
 
-Result<ImportResult> KvRelay::ImportLocked(const Span& span, std::span<const int32_t> prompt,
-                                           const PagedKvCache& cache,
-                                           std::span<const int32_t> block_table) {
-  RELAYKV_RETURN_IF_ERROR(CheckCache(cache));
+Result<RecordView> KvRelay::OpenSpan(const Span& span, std::span<const int32_t> prompt,
+                                     ReadLease* lease) {
   if (span.length <= 0 || span.src_offset < 0 || span.dst_offset < 0 ||
       static_cast<int64_t>(span.dst_offset) + span.length > static_cast<int64_t>(prompt.size())) {
     return InvalidArgument("span [" + std::to_string(span.dst_offset) + ", +" +
                            std::to_string(span.length) + ") does not fit a prompt of " +
                            std::to_string(prompt.size()) + " tokens");
   }
-  RELAYKV_ASSIGN_OR_RETURN(ReadLease lease, store_->Get(span.record_id));
-  RELAYKV_ASSIGN_OR_RETURN(RecordView view, ParseRecord(lease.data(), lease.size()));
+  RELAYKV_ASSIGN_OR_RETURN(*lease, store_->Get(span.record_id));
+  RELAYKV_ASSIGN_OR_RETURN(RecordView view, ParseRecord(lease->data(), lease->size()));
   RELAYKV_RETURN_IF_ERROR(CheckCompatible(view, identity_.model_fingerprint, identity_.layout,
                                           identity_.rope, identity_.tenant));
   if (static_cast<int64_t>(span.src_offset) + span.length > view.num_tokens()) {
-    return Aborted("span reaches past the record's " +
-                                            std::to_string(view.num_tokens()) + " tokens");
+    return Aborted("span reaches past the record's " + std::to_string(view.num_tokens()) +
+                   " tokens");
   }
   // The index verified these tokens when it answered; the record may have been
   // replaced since, so they are checked again against the bytes being imported.
   const auto src_tokens = view.tokens().subspan(span.src_offset, span.length);
   if (!std::equal(src_tokens.begin(), src_tokens.end(), prompt.begin() + span.dst_offset)) {
     return Aborted("record " + std::to_string(span.record_id) +
-                                            " no longer holds the prompt's tokens");
+                   " no longer holds the prompt's tokens");
   }
+  return view;
+}
+
+Result<std::vector<uint8_t>> KvRelay::ReadHidden(const Span& span, std::span<const int32_t> prompt,
+                                                 int32_t layer) {
+  ReadLease lease;
+  RELAYKV_ASSIGN_OR_RETURN(RecordView view, OpenSpan(span, prompt, &lease));
+  const std::vector<int32_t>& layers = view.meta().hidden_layers;
+  const auto it = std::find(layers.begin(), layers.end(), layer);
+  if (it == layers.end()) {
+    return NotFound("record " + std::to_string(span.record_id) +
+                    " has no hidden-state checkpoint at layer " + std::to_string(layer));
+  }
+  const int64_t stride = view.hidden_token_stride();
+  const uint8_t* rows = view.hidden(static_cast<int32_t>(it - layers.begin())) +
+                        static_cast<int64_t>(span.src_offset) * stride;
+  return std::vector<uint8_t>(rows, rows + static_cast<int64_t>(span.length) * stride);
+}
+
+Result<ImportResult> KvRelay::ImportLocked(const Span& span, std::span<const int32_t> prompt,
+                                           const PagedKvCache& cache,
+                                           std::span<const int32_t> block_table) {
+  RELAYKV_RETURN_IF_ERROR(CheckCache(cache));
+  ReadLease lease;
+  RELAYKV_ASSIGN_OR_RETURN(RecordView view, OpenSpan(span, prompt, &lease));
   RELAYKV_RETURN_IF_ERROR(
       ValidatePagedRange(cache, block_table, span.dst_offset, span.length, /*device=*/false));
 

@@ -24,6 +24,7 @@
 #include "connector/span_index/span_index.h"
 #include "transfer/common/status.h"
 #include "transfer/record/kv_layout.h"
+#include "transfer/record/record.h"
 #include "transfer/record/rope_params.h"
 #include "transfer/store/embedded_store.h"
 
@@ -68,6 +69,18 @@ struct RelayMetrics {
   uint64_t lookup_tokens_matched = 0;
 };
 
+// Hidden-state checkpoints exported with a record (optional): checkpoint c
+// holds, for every exported token, the residual stream entering layer
+// layers[c] (layers[c] == num_layers: the last layer's output), in the layout's
+// dtype, laid out [checkpoint][token][hidden_size] contiguously in `data`.
+// A rectifier restarts a span token at layer layers[c] from these rows instead
+// of recomputing it from the embedding.
+struct HiddenCheckpoints {
+  std::vector<int32_t> layers;  // strictly increasing, in [0, num_layers]
+  int32_t hidden_size = 0;
+  std::span<const uint8_t> data;
+};
+
 struct ExportResult {
   uint64_t record_id = 0;
   uint64_t bytes = 0;
@@ -90,9 +103,12 @@ class KvRelay {
 
   // Exports sequence tokens [seq_begin, seq_begin + tokens.size()) whose KV sits
   // in `cache` under `block_table`; `tokens[i]` is the id at position
-  // seq_begin + i. The record id is derived from the content.
+  // seq_begin + i. The record id is derived from the content (hidden
+  // checkpoint layers included, so a record with checkpoints never dedups
+  // against one without). `hidden`, when given, is stored in the record.
   Result<ExportResult> Export(const PagedKvCache& cache, std::span<const int32_t> block_table,
-                              std::span<const int32_t> tokens, int32_t seq_begin);
+                              std::span<const int32_t> tokens, int32_t seq_begin,
+                              const HiddenCheckpoints* hidden = nullptr);
 
   // Spans of `prompt` (from `begin` on) that stored records cover.
   std::vector<Span> Lookup(std::span<const int32_t> prompt, int32_t begin = 0);
@@ -100,6 +116,14 @@ class KvRelay {
   // Imports one span into prompt positions [span.dst_offset, +span.length).
   Result<ImportResult> Import(const Span& span, std::span<const int32_t> prompt,
                               const PagedKvCache& cache, std::span<const int32_t> block_table);
+
+  // The hidden-state rows of a span's tokens at checkpoint `layer` (the
+  // residual stream entering that layer), after the same verification as
+  // Import (record checksums, identity, the prompt's tokens): span.length rows
+  // of hidden_size elements in the layout's dtype. NotFound when the record
+  // has no checkpoint at `layer`.
+  Result<std::vector<uint8_t>> ReadHidden(const Span& span, std::span<const int32_t> prompt,
+                                          int32_t layer);
 
   RelayMetrics Metrics() const;
   StoreStats store_stats() const { return store_->Stats(); }
@@ -110,6 +134,9 @@ class KvRelay {
  private:
   explicit KvRelay(InstanceIdentity identity) : identity_(std::move(identity)) {}
   Status CheckCache(const PagedKvCache& cache) const;
+  // The stored record of `span`, verified against this instance and `prompt`.
+  // `lease` keeps the record's memory while the view is used.
+  Result<RecordView> OpenSpan(const Span& span, std::span<const int32_t> prompt, ReadLease* lease);
   Result<ImportResult> ImportLocked(const Span& span, std::span<const int32_t> prompt,
                                     const PagedKvCache& cache,
                                     std::span<const int32_t> block_table);

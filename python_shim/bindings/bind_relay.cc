@@ -174,27 +174,50 @@ void BindRelay(nb::module_& m) {
 
   nb::class_<KvRelay>(m, "KvRelay",
                       "Export/import of KV records on one instance: embedded store + span index.")
-      .def(nb::new_([](uint64_t model_fingerprint, const KvLayout& layout, const RopeParams& rope,
-                       const std::string& tenant, uint64_t capacity_bytes,
-                       int32_t min_span_tokens) {
-             InstanceIdentity id{model_fingerprint, layout, rope, tenant};
-             StoreOptions so;
-             so.capacity_bytes = capacity_bytes;
-             SpanIndexOptions io;
-             io.min_span_tokens = min_span_tokens;
-             return Unwrap(KvRelay::Create(std::move(id), std::move(so), std::move(io)));
-           }),
-           nb::arg("model_fingerprint"), nb::arg("layout"), nb::arg("rope"),
-           nb::arg("tenant") = "", nb::arg("capacity_bytes") = uint64_t{1} << 30,
-           nb::arg("min_span_tokens") = 16)
+      .def(
+          nb::new_([](uint64_t model_fingerprint, const KvLayout& layout, const RopeParams& rope,
+                      const std::string& tenant, uint64_t capacity_bytes, int32_t min_span_tokens) {
+            InstanceIdentity id{model_fingerprint, layout, rope, tenant};
+            StoreOptions so;
+            so.capacity_bytes = capacity_bytes;
+            SpanIndexOptions io;
+            io.min_span_tokens = min_span_tokens;
+            return Unwrap(KvRelay::Create(std::move(id), std::move(so), std::move(io)));
+          }),
+          nb::arg("model_fingerprint"), nb::arg("layout"), nb::arg("rope"), nb::arg("tenant") = "",
+          nb::arg("capacity_bytes") = uint64_t{1} << 30, nb::arg("min_span_tokens") = 16)
       .def(
           "export",
           [](KvRelay& r, const PyPagedCache& cache, const std::vector<int32_t>& block_table,
-             const std::vector<int32_t>& tokens, int32_t seq_begin) {
+             const std::vector<int32_t>& tokens, int32_t seq_begin,
+             const std::vector<int32_t>& hidden_layers, nb::object hidden) {
+            HiddenCheckpoints checkpoints;
+            AnyArray rows;
+            if (!hidden_layers.empty()) {
+              if (hidden.is_none()) {
+                ThrowIfError(InvalidArgument("hidden_layers given without hidden"));
+              }
+              rows = nb::cast<AnyArray>(hidden);
+              if (rows.ndim() != 3 || rows.shape(0) != hidden_layers.size() ||
+                  rows.shape(1) != tokens.size() || rows.stride(2) != 1 ||
+                  rows.stride(1) != static_cast<int64_t>(rows.shape(2)) ||
+                  rows.stride(0) != static_cast<int64_t>(rows.shape(1) * rows.shape(2))) {
+                ThrowIfError(InvalidArgument(
+                    "hidden must be a contiguous [len(hidden_layers), len(tokens), hidden_size] "
+                    "tensor"));
+              }
+              if (Unwrap(DTypeOf(rows)) != r.identity().layout.dtype) {
+                ThrowIfError(InvalidArgument("hidden must have the layout's dtype"));
+              }
+              checkpoints.layers = hidden_layers;
+              checkpoints.hidden_size = static_cast<int32_t>(rows.shape(2));
+              checkpoints.data = {static_cast<const uint8_t*>(rows.data()), rows.nbytes()};
+            }
             ExportResult res;
             {
               nb::gil_scoped_release release;
-              res = Unwrap(r.Export(cache.view, block_table, tokens, seq_begin));
+              res = Unwrap(r.Export(cache.view, block_table, tokens, seq_begin,
+                                    hidden_layers.empty() ? nullptr : &checkpoints));
             }
             nb::dict d;
             d["record_id"] = res.record_id;
@@ -203,7 +226,23 @@ void BindRelay(nb::module_& m) {
             return d;
           },
           nb::arg("cache"), nb::arg("block_table"), nb::arg("tokens"), nb::arg("seq_begin"),
-          "Export tokens[i] at position seq_begin + i; returns record_id, bytes, deduplicated.")
+          nb::arg("hidden_layers") = std::vector<int32_t>{}, nb::arg("hidden") = nb::none(),
+          "Export tokens[i] at position seq_begin + i; returns record_id, bytes, deduplicated. "
+          "Optional hidden-state checkpoints: hidden[c] holds the residual stream entering layer "
+          "hidden_layers[c] for every token ([C, len(tokens), hidden_size], the layout's dtype).")
+      .def(
+          "read_hidden",
+          [](KvRelay& r, const Span& span, const std::vector<int32_t>& prompt, int32_t layer) {
+            std::vector<uint8_t> rows;
+            {
+              nb::gil_scoped_release release;
+              rows = Unwrap(r.ReadHidden(span, prompt, layer));
+            }
+            return nb::bytes(reinterpret_cast<const char*>(rows.data()), rows.size());
+          },
+          nb::arg("span"), nb::arg("prompt"), nb::arg("layer"),
+          "The span's hidden-state rows entering `layer` as bytes ([span.length, hidden_size] in "
+          "the layout's dtype), verified like import_span; NotFoundError without that checkpoint.")
       .def(
           "lookup",
           [](KvRelay& r, const std::vector<int32_t>& prompt, int32_t begin) {

@@ -31,7 +31,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from relaykv.relay_chain import TASKS, Instance, run_chain
+    from relaykv.rectify import Strategy, from_profile
+    from relaykv.rectify.profiler import DEFAULT_PROFILE, load_profile
+    from relaykv.relay_chain import TASKS, Instance, run_chain, warm_up
 
     # Logs and CI have no terminal: keep the table readable there too.
     console = Console(width=None if sys.stdout.isatty() else 132)
@@ -42,12 +44,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"({executor.num_layers} layers, {executor.config.num_kv_heads} KV heads, "
                   f"head size {executor.config.head_size}, {str(executor.dtype)[6:]})")
     inst = Instance(executor, loaded.tokenizer)
-    console.print("[bold]strategies[/]: full (prefill everything) vs naive (import every span, "
-                  "K re-rotated to its new position; gaps and tail computed; no rectification yet)")
+    warm_up(inst)
+    profile = load_profile(args.profile)
+    relay = from_profile(profile)
+    naive = Strategy("naive")
+    console.print(f"[bold]strategies[/]: full (prefill everything) vs relay (import every span, K "
+                  f"re-rotated; tokens selected at layer {relay.det_layer} recomputed in layers "
+                  f"[{relay.start_layer}, {profile['end_layer']}]; profile {args.profile or DEFAULT_PROFILE}); "
+                  f"naive (import, no rectification) for contrast")
     all_rows = []
     for t, (kind, task) in enumerate(TASKS[: args.tasks]):
         console.rule(f"task {t + 1}/{args.tasks} ({kind}): {task}")
         rows = run_chain(inst, task, num_agents=args.agents, max_new_tokens=args.max_new_tokens,
+                         strategies=[naive, relay], repeats=args.repeats,
                          on_agent=lambda r: console.print(
                              f"  agent {r['agent']} {r['name']:<10} prompt {r['prompt_tokens']:>4} tok "
                              f"-> {r['output_tokens']:>3} tok: {r['output'][:70]!r}"))
@@ -56,39 +65,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
             r["kind"] = kind
         all_rows.extend(rows)
 
-    table = Table(title="TTFT per agent: full prefill vs relay (naive import)")
+    R, N = relay.label(), naive.label()
+    table = Table(title="TTFT per agent: full prefill vs relay (rectified import)")
     for col in ("task", "agent", "prompt tok", "reused tok", "full ms", "relay ms", "speedup",
-                "reuse", "top1", "KL", "greedy"):
+                "reuse", "recompute", "top1", "KL", "greedy", "naive greedy"):
         table.add_column(col, justify="right")
     for r in all_rows:
+        head = [str(r["task"] + 1), f"{r['agent']} {r['name']}", str(r["prompt_tokens"])]
         if r["agent"] == 0:
-            table.add_row(str(r["task"] + 1), f"{r['agent']} {r['name']}", str(r["prompt_tokens"]),
-                          "0", f"{r['ttft_ms']['full']:.0f}", "-", "-", "-", "-", "-", "-")
+            table.add_row(*head, "0", f"{r['ttft_ms']['full']:.0f}", *["-"] * 8)
             continue
-        table.add_row(str(r["task"] + 1), f"{r['agent']} {r['name']}", str(r["prompt_tokens"]),
-                      str(r["import"]["imported_tokens"]), f"{r['ttft_ms']['full']:.0f}",
-                      f"{r['ttft_ms']['naive']:.0f}", f"{r['speedup']['naive']:.2f}x",
-                      f"{r['reuse_rate']['naive']:.2f}", f"{r['top1_agree']['naive']:.0f}",
-                      f"{r['kl']['naive']:.3f}", f"{r['greedy_match']['naive']:.2f}")
+        table.add_row(*head, str(r["imported_tokens"][R]), f"{r['ttft_ms']['full']:.0f}",
+                      f"{r['ttft_ms'][R]:.0f}", f"{r['speedup'][R]:.2f}x", f"{r['reuse_rate'][R]:.2f}",
+                      f"{r['recompute_ratio'][R]:.2f}", f"{r['top1_agree'][R]:.0f}", f"{r['kl'][R]:.3f}",
+                      f"{r['greedy_match'][R]:.2f}", f"{r['greedy_match'][N]:.2f}")
     console.print(table)
 
     later = [r for r in all_rows if r["agent"] > 0]
     if later:
-        def mean(key: str) -> float:
-            return sum(r[key]["naive"] for r in later) / len(later)
-        cos = [r["layer_cosine"] for r in later if "layer_cosine" in r]
-        console.print(
-            f"[bold]mean over agents 1..{args.agents - 1}[/]: speedup {mean('speedup'):.2f}x, "
-            f"reuse_rate {mean('reuse_rate'):.2f}, top1_agree {mean('top1_agree'):.2f}, "
-            f"kl {mean('kl'):.3f}, greedy_match {mean('greedy_match'):.2f}")
-        if cos:
-            layers = len(cos[0])
-            v = [sum(c[l][1] for c in cos) / len(cos) for l in range(layers)]
-            k = [sum(c[l][0] for c in cos) / len(cos) for l in range(layers)]
-            console.print("cosine of imported vs freshly prefilled KV over the reused tokens, per layer "
-                          "(what rectification will repair):")
-            console.print("  V: " + " ".join(f"{x:.2f}" for x in v))
-            console.print("  K: " + " ".join(f"{x:.2f}" for x in k))
+        def mean(key: str, label: str) -> float:
+            return sum(r[key][label] for r in later) / len(later)
+        for label in (R, N):
+            console.print(
+                f"[bold]{label}, mean over agents 2..{args.agents}[/]: speedup {mean('speedup', label):.2f}x, "
+                f"reuse_rate {mean('reuse_rate', label):.2f}, recompute_ratio "
+                f"{mean('recompute_ratio', label):.2f}, top1_agree {mean('top1_agree', label):.2f}, "
+                f"kl {mean('kl', label):.4f}, greedy_match {mean('greedy_match', label):.2f}")
         m = inst.relay.metrics()
         s = inst.relay.store_stats()
         console.print(f"store: {s['records']} records, {s['bytes_used'] / 2**20:.1f} MiB, "
@@ -104,22 +106,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from relaykv.relay_chain import Instance
+    from relaykv.engine import Engine, EngineConfig, SamplingParams
 
     loaded, executor = _load(args.threads)
-    inst = Instance(executor, loaded.tokenizer)
     ids = loaded.chat_prompt_ids(args.prompt)
-    seq = inst.new_sequence(len(ids) + args.max_new_tokens + 1)
-    t0 = time.perf_counter()
-    logits = inst.prefill(seq, ids, 0)
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    out = inst.decode(seq, logits, len(ids), args.max_new_tokens)
-    dt = time.perf_counter() - t1
-    print(loaded.tokenizer.decode(out, skip_special_tokens=True).strip())
-    print(f"\n[ttft {ttft * 1e3:.0f} ms for {len(ids)} prompt tokens; "
-          f"{len(out) / max(dt, 1e-9):.1f} tokens/s over {len(out)} tokens]", file=sys.stderr)
+    block_size = 16
+    engine = Engine(executor, EngineConfig(num_blocks=-(-(len(ids) + args.max_new_tokens) // block_size) + 1,
+                                           block_size=block_size),
+                    tokenizer=loaded.tokenizer)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    out = engine.generate([ids], params)[0]
+    print((out.text or "").strip())
+    # TTFT runs from the request's arrival to its first token; tokens/s counts the decode after it.
+    print(f"\n[ttft {out.ttft_s * 1e3:.0f} ms for {len(ids)} prompt tokens; "
+          f"{out.decode_tokens_per_s:.1f} tokens/s over {len(out.output_token_ids)} tokens "
+          f"(finish: {out.finish_reason})]", file=sys.stderr)
     return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from relaykv.rectify.bench import cmd_profile
+
+    return cmd_profile(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,12 +141,35 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--json", default=None, help="write per-agent rows as JSON lines here")
+    demo.add_argument("--profile", default=None, help="layer-range profile JSON (default: bundled)")
+    demo.add_argument("--repeats", type=int, default=1, help="TTFT = fastest of this many runs")
     demo.set_defaults(func=cmd_demo)
+
+    from relaykv.rectify.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
+    prof = sub.add_parser("profile", help="layer-range profiler: calibration relays, profile JSON + plot")
+    prof.add_argument("--tasks", type=int, default=6)
+    prof.add_argument("--max-new-tokens", type=int, default=96)
+    prof.add_argument("--threshold", type=float, default=0.995,
+                      help="a layer is rectified when min(cos K, cos V) falls below this")
+    prof.add_argument("--tau-dev", type=float, default=1.5)
+    prof.add_argument("--tau-inf", type=float, default=1.5)
+    prof.add_argument("--suffix-tokens", type=int, default=8)
+    prof.add_argument("--scheme", choices=("layer0", "hidden"), default="layer0")
+    prof.add_argument("--out", default=str(Path(__file__).parent / "profiles" / "smollm2-135m-instruct.json"))
+    prof.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    prof.add_argument("--threads", type=int, default=None)
+    prof.set_defaults(func=_cmd_profile)
 
     gen = sub.add_parser("generate", help="answer one prompt with the bundled model")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
     args = parser.parse_args(argv)

@@ -3,11 +3,8 @@
 Agent i's prompt is its own system prompt, the task and the outputs of the
 agents before it. Every output is decoded into a paged KV cache and exported
 as a record; later prompts look their spans up and import them at their new
-positions. Strategies implemented so far:
-
-- ``full``: prefill the whole prompt (the baseline);
-- ``naive``: import every span (K re-rotated to its new position), compute only
-  the gaps and the tail; no rectification.
+positions. The strategies (full, prefix, naive, cacheblend, epic, relay) live in
+relaykv.rectify and share this instance's one import path.
 
 Every measure is named as in the design: ttft_ms, speedup, reuse_rate,
 recompute_ratio, top1_agree, kl, greedy_match.
@@ -19,7 +16,6 @@ import dataclasses
 import json
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,6 +74,13 @@ class Instance:
         self.rng = random.Random(seed)
         eos = tokenizer.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or ())
+        # Exact KV only (full prefills and decodes), never imported KV: (tokens with KV, sequence).
+        self.prefix_cache: list[tuple[list[int], Sequence_]] = []
+        self.prefix_cache_entries = 8
+        # Hidden-state checkpoints decode keeps and export stores in the record: the output
+        # of these layers (the record names them by the layer they enter: + 1).
+        self.checkpoint_layers: list[int] = []
+        self._decode_hidden: dict[int, list[torch.Tensor]] = {}
 
     def new_sequence(self, num_tokens: int) -> Sequence_:
         blocks = math.ceil(num_tokens / self.block_size) + 1
@@ -100,53 +103,68 @@ class Instance:
         """Greedy tokens after a prompt of `start` tokens whose last logits are given; the KV
         of every returned token but the last is in the cache."""
         out: list[int] = []
+        self._decode_hidden = {layer: [] for layer in self.checkpoint_layers}
         for step in range(max_new):
             token = int(torch.argmax(logits))
             out.append(token)
             if (stop_at_eos and token in self.eos) or step == max_new - 1:
                 break
-            logits = self.prefill(seq, [token], start + step)
+            if not self.checkpoint_layers:
+                logits = self.prefill(seq, [token], start + step)
+                continue
+            res = self.executor.forward(seq.cache, query_lens=[1], context_lens=[start + step + 1],
+                                        block_tables=[seq.table], positions=[start + step],
+                                        token_ids=[token], logits_rows=[0],
+                                        observe_hidden_layers=self.checkpoint_layers)
+            for layer in self.checkpoint_layers:
+                self._decode_hidden[layer].append(res.hidden[layer][0].clone())
+            logits = res.logits[0]
         return out
+
+    # -- exact prefix cache (vLLM's prefix caching) ---------------------------------------------
+    def remember(self, seq: Sequence_, tokens: Sequence[int]) -> None:
+        """Offers a sequence whose KV for `tokens` (positions 0..) was computed exactly."""
+        self.prefix_cache.append((list(tokens), seq))
+        del self.prefix_cache[:-self.prefix_cache_entries]
+
+    def prefix_lookup(self, ids: Sequence[int], seq: Sequence_) -> int:
+        """Copies the KV of the longest exact prefix hit (< len(ids)) into `seq`; returns its length."""
+        best, src = 0, None
+        limit = len(ids) - 1
+        for tokens, cached in self.prefix_cache:
+            m = min(len(tokens), limit)
+            a = torch.as_tensor(tokens[:m])
+            b = torch.as_tensor(list(ids[:m]))
+            diff = torch.nonzero(a != b)
+            lcp = int(diff[0]) if diff.numel() else m
+            if lcp > best:
+                best, src = lcp, cached
+        if src is not None and best:
+            k, v = src.cache.gather(src.table, range(best))
+            seq.cache.scatter(seq.table, range(best), k, v)
+        return best
+
+    def checkpoint_rows(self, spans: Sequence[tuple[int, int, int, int]], ids: Sequence[int],
+                        layer: int) -> torch.Tensor:
+        """Exporter-saved hidden states (output of `layer`) of imported spans' tokens, in span
+        order, read from the records (verified like an import)."""
+        parts = []
+        for record_id, src, dst, length in spans:
+            raw = self.relay.read_hidden(core.Span(record_id, src, dst, length), list(ids), layer + 1)
+            rows = torch.frombuffer(bytearray(raw), dtype=self.executor.dtype)
+            parts.append(rows.view(length, -1))
+        return torch.cat(parts).to(self.executor.device)
 
     # -- the two halves of a relay ------------------------------------------------------------
     def export(self, seq: Sequence_, tokens: Sequence[int], seq_begin: int) -> dict:
-        return self.relay.export(seq.paged, seq.table, list(tokens), seq_begin)
-
-    def prefill_full(self, ids: Sequence[int]) -> tuple[torch.Tensor, Sequence_, float]:
-        seq = self.new_sequence(len(ids) + GREEDY_MATCH_TOKENS)
-        t0 = time.perf_counter()
-        logits = self.prefill(seq, ids, 0)
-        return logits, seq, (time.perf_counter() - t0) * 1e3
-
-    def prefill_naive(self, ids: Sequence[int]) -> tuple[torch.Tensor, Sequence_, float, dict]:
-        """Imports every span the index offers and computes the rest. A span that fails to
-        import is computed instead and counted."""
-        seq = self.new_sequence(len(ids) + GREEDY_MATCH_TOKENS)
-        t0 = time.perf_counter()
-        spans = self.relay.lookup(list(ids))
-        imported: list[int] = []
-        fallback = 0
-        pos = 0
-        logits = None
-        for span in spans:
-            # The last prompt token is always computed: its logits are the first output.
-            length = min(span.length, len(ids) - 1 - span.dst_offset)
-            if length <= 0:
-                continue
-            if span.dst_offset > pos:
-                self.prefill(seq, ids[pos:span.dst_offset], pos)
-            span = core.Span(span.record_id, span.src_offset, span.dst_offset, length)
-            try:
-                self.relay.import_span(span, list(ids), seq.paged, seq.table)
-                imported.extend(range(span.dst_offset, span.dst_offset + length))
-            except core.RelayKVError:
-                self.prefill(seq, ids[span.dst_offset:span.dst_offset + length], span.dst_offset)
-                fallback += length
-            pos = span.dst_offset + length
-        logits = self.prefill(seq, ids[pos:], pos)
-        ms = (time.perf_counter() - t0) * 1e3
-        return logits, seq, ms, {"spans": len(spans), "imported_positions": imported,
-                                 "fallback_tokens": fallback}
+        """Exports decoded tokens (right after `decode` when checkpoints are kept)."""
+        layers = sorted(self._decode_hidden)
+        if not tokens or not layers or any(len(self._decode_hidden[l]) < len(tokens) for l in layers):
+            return self.relay.export(seq.paged, seq.table, list(tokens), seq_begin)
+        hidden = torch.stack([torch.stack(self._decode_hidden[l][:len(tokens)]) for l in layers])
+        return self.relay.export(seq.paged, seq.table, list(tokens), seq_begin,
+                                 hidden_layers=[l + 1 for l in layers],
+                                 hidden=hidden.to(self.executor.dtype).cpu().contiguous())
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -191,6 +209,21 @@ TASKS = [
     ("maths", "What is the sum of the first 50 odd numbers? Explain the pattern."),
     ("code", "Explain what a hash table is and when a list is a better choice."),
     ("knowledge", "What causes the seasons on Earth? Give two common misconceptions."),
+    ("maths", "A shop sells pens at 3 for 2 euros. How much do 27 pens cost, and why?"),
+    ("code", "Write a Python function that checks whether a string is a palindrome, ignoring case "
+             "and spaces, and give two test cases."),
+    ("knowledge", "How do vaccines train the immune system? Give one example."),
+    ("maths", "A rectangle has a perimeter of 36 cm and its length is twice its width. Find its area."),
+    ("code", "Explain the difference between a stack and a queue, with one everyday example of each."),
+    ("knowledge", "Why do we have tides? Explain the role of the Moon and the Sun."),
+    ("maths", "If 5 workers build a wall in 12 days, how long do 8 workers take? State the assumption."),
+    ("code", "Write a Python function that removes duplicates from a list while keeping order."),
+    ("knowledge", "What is photosynthesis and why does it matter for animals?"),
+    ("maths", "What is 15% of 240, and how can you compute it in your head?"),
+    ("code", "What does a SQL JOIN do? Compare INNER JOIN and LEFT JOIN."),
+    ("knowledge", "Why does ice float on water?"),
+    ("maths", "Solve 3x + 7 = 31 and check the answer."),
+    ("code", "Explain recursion with the example of computing a factorial in Python."),
 ]
 
 AGENTS = [
@@ -210,32 +243,61 @@ def agent_user_message(task: str, earlier: Sequence[tuple[str, str]]) -> str:
     return "\n\n".join(parts)
 
 
+def warm_up(inst: Instance, tokens: int = 256) -> None:
+    """One throwaway prefill so that the first timed one does not pay for allocator and
+    thread-pool start-up."""
+    ids = [int(x) for x in torch.randint(10, 1000, (tokens,))]
+    for _ in range(2):
+        inst.prefill(inst.new_sequence(tokens), ids, 0)
+
+
 def run_chain(inst: Instance, task: str, *, num_agents: int, max_new_tokens: int,
+              strategies: Sequence[Any] | None = None, repeats: int = 1,
               on_agent: Callable[[dict], None] | None = None) -> list[dict]:
-    """Runs one task through the chain; returns one result row per agent."""
+    """Runs one task through the chain; returns one result row per agent.
+
+    Every agent's prompt is prefilled in full (the reference) and with each
+    strategy (rectify.Strategy; default: naive), in the same run; the measures are
+    keyed by the strategy's label. The agent's answer is decoded from the exact
+    cache and exported; that decoding sequence also enters the exact prefix cache.
+    ttft_ms is the fastest of `repeats` runs (this CPU is shared; the minimum is the
+    least noisy estimate of the work itself); fidelity comes from the last run.
+    """
+    from relaykv.rectify import Strategy, prefill as prefill_once
+
+    def prefill(ids: Sequence[int], strategy: Any) -> Any:
+        runs = [prefill_once(inst, ids, strategy) for _ in range(max(1, repeats))]
+        runs[-1].ttft_ms = min(r.ttft_ms for r in runs)
+        return runs[-1]
+
+    strategies = list(strategies) if strategies is not None else [Strategy("naive")]
     rows = []
     earlier: list[tuple[str, str]] = []
     for i, (name, system) in enumerate(AGENTS[:num_agents]):
         ids = inst.chat_ids(system, agent_user_message(task, earlier))
-        logits_full, seq_full, ms_full = inst.prefill_full(ids)
-        ref_cont = inst.decode(seq_full, logits_full, len(ids), GREEDY_MATCH_TOKENS, stop_at_eos=False)
+        full = prefill(ids, Strategy("full"))
+        ref_cont = inst.decode(full.seq, full.logits, len(ids), GREEDY_MATCH_TOKENS, stop_at_eos=False)
         row: dict[str, Any] = {"agent": i, "name": name, "prompt_tokens": len(ids),
-                               "ttft_ms": {"full": ms_full}}
-        if i > 0:
-            logits_n, seq_n, ms_n, info = inst.prefill_naive(ids)
-            cont = inst.decode(seq_n, logits_n, len(ids), GREEDY_MATCH_TOKENS, stop_at_eos=False)
-            span_positions = info.pop("imported_positions")
-            info["imported_tokens"] = len(span_positions)
-            row["ttft_ms"]["naive"] = ms_n
-            row["speedup"] = {"naive": ms_full / ms_n}
-            row["reuse_rate"] = {"naive": info["imported_tokens"] / len(ids)}
-            row["recompute_ratio"] = {"naive": 0.0}
-            row["top1_agree"] = {"naive": float(int(torch.argmax(logits_full)) == int(torch.argmax(logits_n)))}
-            row["kl"] = {"naive": kl_divergence(logits_full, logits_n)}
-            row["greedy_match"] = {"naive": greedy_match(ref_cont, cont)}
-            row["import"] = info
-            if span_positions:
-                row["layer_cosine"] = layer_cosine(inst, seq_full, seq_n, span_positions)
+                               "ttft_ms": {"full": full.ttft_ms}}
+        for key in ("speedup", "reuse_rate", "recompute_ratio", "top1_agree", "kl", "greedy_match",
+                    "imported_tokens", "recomputed_tokens", "prefix_tokens"):
+            row[key] = {}
+        for strategy in strategies if i > 0 else []:
+            res = prefill(ids, strategy)
+            cont = inst.decode(res.seq, res.logits, len(ids), GREEDY_MATCH_TOKENS, stop_at_eos=False)
+            label = strategy.label()
+            row["ttft_ms"][label] = res.ttft_ms
+            row["speedup"][label] = full.ttft_ms / res.ttft_ms
+            row["reuse_rate"][label] = res.reuse_rate
+            row["recompute_ratio"][label] = res.recompute_ratio
+            row["top1_agree"][label] = float(int(torch.argmax(full.logits)) == int(torch.argmax(res.logits)))
+            row["kl"][label] = kl_divergence(full.logits, res.logits)
+            row["greedy_match"][label] = greedy_match(ref_cont, cont)
+            for key in ("imported_tokens", "recomputed_tokens", "prefix_tokens"):
+                row[key][label] = res.info.get(key, 0)
+            if strategy.name == "naive" and res.info.get("span_positions"):
+                row["layer_cosine"] = layer_cosine(inst, full.seq, res.seq, res.info["span_positions"])
+            del res
         # The agent's answer, decoded from its exact cache, becomes the next agents' input.
         seq_dec = inst.new_sequence(len(ids) + max_new_tokens + 1)
         logits = inst.prefill(seq_dec, ids, 0)
@@ -246,6 +308,7 @@ def run_chain(inst: Instance, task: str, *, num_agents: int, max_new_tokens: int
         with_kv = body if len(body) < len(out) else body[:-1]
         if with_kv:
             row["export"] = inst.export(seq_dec, with_kv, len(ids))
+        inst.remember(seq_dec, list(ids) + with_kv)
         text = inst.tokenizer.decode(body, skip_special_tokens=True).strip()
         row["output_tokens"] = len(out)
         row["output"] = text
@@ -254,4 +317,3 @@ def run_chain(inst: Instance, task: str, *, num_agents: int, max_new_tokens: int
         if on_agent:
             on_agent(row)
     return rows
-

@@ -286,6 +286,62 @@ TEST_F(RelayTest, BadRequestsAreRejectedWithoutTouchingTheCache) {
   EXPECT_EQ(relay_->Metrics().export_failures, 1u);
 }
 
+TEST_F(RelayTest, HiddenCheckpointsTravelWithTheRecord) {
+  const std::vector<int32_t> answer = Tokens(40, 100);
+  constexpr int32_t kHidden = 24;
+  // Two checkpoints (entering layers 1 and 3), [checkpoint][token][hidden] half floats.
+  std::vector<uint16_t> rows(2 * answer.size() * kHidden);
+  for (size_t i = 0; i < rows.size(); ++i)
+    rows[i] = FloatToHalf(static_cast<float>(i % 977) / 97.f);
+  HiddenCheckpoints hidden;
+  hidden.layers = {1, 3};
+  hidden.hidden_size = kHidden;
+  hidden.data = {reinterpret_cast<const uint8_t*>(rows.data()), rows.size() * sizeof(uint16_t)};
+  auto exp = relay_->Export(src_.view, src_table_, answer, 5, &hidden);
+  ASSERT_TRUE(exp.ok()) << exp.status().ToString();
+  // The same tokens without checkpoints are another record: no dedup into one without rows.
+  auto plain = relay_->Export(src_.view, src_table_, answer, 5);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_NE(plain->record_id, exp->record_id);
+  EXPECT_FALSE(plain->deduplicated);
+
+  std::vector<int32_t> prompt = Tokens(11, 9000);
+  prompt.insert(prompt.end(), answer.begin(), answer.end());
+  const Span span{exp->record_id, 4, 11 + 4, 30};
+  auto got = relay_->ReadHidden(span, prompt, 3);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ASSERT_EQ(got->size(), size_t{30} * kHidden * sizeof(uint16_t));
+  const auto* want = reinterpret_cast<const uint8_t*>(rows.data() + (answer.size() + 4) * kHidden);
+  EXPECT_EQ(std::memcmp(got->data(), want, got->size()), 0);
+
+  EXPECT_EQ(relay_->ReadHidden(span, prompt, 2).status().code(), StatusCode::kNotFound);
+  const Span no_rows{plain->record_id, 4, 11 + 4, 30};
+  EXPECT_EQ(relay_->ReadHidden(no_rows, prompt, 1).status().code(), StatusCode::kNotFound);
+  std::vector<int32_t> wrong = prompt;
+  wrong[20] += 1;
+  EXPECT_EQ(relay_->ReadHidden(span, wrong, 1).status().code(), StatusCode::kAborted);
+  // KV import of the record with checkpoints works as before.
+  OwnedCache dst = OwnedCache::Nhd();
+  EXPECT_TRUE(relay_->Import(span, prompt, dst.view, Shuffled(8, 5)).ok());
+}
+
+TEST_F(RelayTest, HiddenCheckpointsOfTheWrongSizeAreRejected) {
+  const std::vector<int32_t> answer = Tokens(40, 100);
+  std::vector<uint16_t> rows(40 * 8 - 1);
+  HiddenCheckpoints hidden;
+  hidden.layers = {2};
+  hidden.hidden_size = 8;
+  hidden.data = {reinterpret_cast<const uint8_t*>(rows.data()), rows.size() * sizeof(uint16_t)};
+  auto exp = relay_->Export(src_.view, src_table_, answer, 5, &hidden);
+  EXPECT_EQ(exp.status().code(), StatusCode::kInvalidArgument);
+  hidden.layers = {kLayers + 1};  // past the last layer's output
+  rows.resize(40 * 8);
+  hidden.data = {reinterpret_cast<const uint8_t*>(rows.data()), rows.size() * sizeof(uint16_t)};
+  EXPECT_EQ(relay_->Export(src_.view, src_table_, answer, 5, &hidden).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(relay_->Metrics().export_failures, 2u);
+}
+
 TEST(RelayEvictionTest, EvictionDropsSpansFromTheIndex) {
   // Room for only a few records: older exports are evicted and never offered.
   auto r = KvRelay::Create(Identity(), SmallStore(64 << 10));
