@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libgtest-dev libgmock-dev libbenchmark-dev
-  libxxhash-dev libhiredis-dev redis-server libucx-dev
+  libxxhash-dev libhiredis-dev redis-server
   clang libclang-rt-14-dev
 )
 
