@@ -22,25 +22,42 @@ Status InstanceIdentity::Validate() const {
 
 std::string_view ImportFailureName(ImportFailure f) {
   switch (f) {
-    case ImportFailure::kNotFound: return "not_found";
-    case ImportFailure::kCorrupt: return "corrupt";
-    case ImportFailure::kMismatch: return "mismatch";
-    case ImportFailure::kTokenMismatch: return "token_mismatch";
-    case ImportFailure::kInvalid: return "invalid";
-    case ImportFailure::kOther: return "other";
+    case ImportFailure::kNotFound:
+      return "not_found";
+    case ImportFailure::kCorrupt:
+      return "corrupt";
+    case ImportFailure::kMismatch:
+      return "mismatch";
+    case ImportFailure::kTokenMismatch:
+      return "token_mismatch";
+    case ImportFailure::kInvalid:
+      return "invalid";
+    case ImportFailure::kOther:
+      return "other";
+    case ImportFailure::kUnavailable:
+      return "unavailable";
   }
   return "other";
 }
 
 ImportFailure ClassifyImportFailure(const Status& s) {
   switch (s.code()) {
-    case StatusCode::kNotFound: return ImportFailure::kNotFound;
-    case StatusCode::kDataLoss: return ImportFailure::kCorrupt;
+    case StatusCode::kNotFound:
+      return ImportFailure::kNotFound;
+    case StatusCode::kDataLoss:
+      return ImportFailure::kCorrupt;
     case StatusCode::kFailedPrecondition:
-    case StatusCode::kPermissionDenied: return ImportFailure::kMismatch;
-    case StatusCode::kAborted: return ImportFailure::kTokenMismatch;
-    case StatusCode::kInvalidArgument: return ImportFailure::kInvalid;
-    default: return ImportFailure::kOther;
+    case StatusCode::kPermissionDenied:
+      return ImportFailure::kMismatch;
+    case StatusCode::kAborted:
+      return ImportFailure::kTokenMismatch;
+    case StatusCode::kInvalidArgument:
+      return ImportFailure::kInvalid;
+    case StatusCode::kUnavailable:
+    case StatusCode::kDeadlineExceeded:
+      return ImportFailure::kUnavailable;
+    default:
+      return ImportFailure::kOther;
   }
 }
 
@@ -148,40 +165,57 @@ Result<ExportResult> KvRelay::Export(const PagedKvCache& cache,
   ExportResult result;
   result.record_id = MixHiddenLayers(RecordIdFor(identity_, tokens, seq_begin), meta);
   result.bytes = *size;
-  if (store_->Contains(result.record_id)) {
-    // The id covers every byte that decides the content, so the stored record is this one.
+  auto dedup = [&] {
     result.deduplicated = true;
     m_.export_dedup.fetch_add(1, std::memory_order_relaxed);
     return result;
-  }
-  auto handle = store_->Reserve(result.record_id, *size);
-  if (!handle.ok()) {
-    if (handle.status().code() == StatusCode::kAlreadyExists) {  // a concurrent export won
-      result.deduplicated = true;
-      m_.export_dedup.fetch_add(1, std::memory_order_relaxed);
-      return result;
-    }
-    return fail(handle.status().WithContext("export reserve"));
-  }
-
+  };
   std::vector<int32_t> positions(tokens.size());
   for (int32_t i = 0; i < count; ++i) positions[i] = seq_begin + i;
-  auto writer =
-      RecordWriter::Create(meta, tokens, positions, handle->data(), handle->size());
-  if (!writer.ok()) return fail(writer.status());
-  const KvPayload payload{writer->payload(), count, identity_.layout, /*on_device=*/false};
-  if (Status s = GatherKv(cache, block_table, seq_begin, count, payload, 0); !s.ok()) {
-    return fail(s.WithContext("export gather"));
-  }
-  if (!meta.hidden_layers.empty()) {
-    const size_t per_checkpoint = hidden->data.size() / meta.hidden_layers.size();
-    for (size_t c = 0; c < meta.hidden_layers.size(); ++c) {
-      std::memcpy(writer->hidden(static_cast<int32_t>(c)), hidden->data.data() + c * per_checkpoint,
-                  per_checkpoint);
+  // Fills a record in `buf` (store memory or a staging buffer).
+  auto build = [&](void* buf, size_t buf_size) -> Status {
+    RELAYKV_ASSIGN_OR_RETURN(RecordWriter writer,
+                             RecordWriter::Create(meta, tokens, positions, buf, buf_size));
+    const KvPayload payload{writer.payload(), count, identity_.layout, /*on_device=*/false};
+    RELAYKV_RETURN_IF_ERROR(
+        GatherKv(cache, block_table, seq_begin, count, payload, 0).WithContext("export gather"));
+    if (!meta.hidden_layers.empty()) {
+      const size_t per_checkpoint = hidden->data.size() / meta.hidden_layers.size();
+      for (size_t c = 0; c < meta.hidden_layers.size(); ++c) {
+        std::memcpy(writer.hidden(static_cast<int32_t>(c)),
+                    hidden->data.data() + c * per_checkpoint, per_checkpoint);
+      }
     }
+    writer.Seal();
+    return Status::Ok();
+  };
+
+  if (store_ != nullptr) {
+    if (store_->Contains(result.record_id)) {
+      // The id covers every byte that decides the content, so the stored record is this one.
+      return dedup();
+    }
+    auto handle = store_->Reserve(result.record_id, *size);
+    if (!handle.ok()) {
+      if (handle.status().code() == StatusCode::kAlreadyExists)
+        return dedup();  // a concurrent export won
+      return fail(handle.status().WithContext("export reserve"));
+    }
+    if (Status s = build(handle->data(), handle->size()); !s.ok()) return fail(s);
+    if (Status s = handle->Seal(); !s.ok()) return fail(s);
+  } else {
+#if RELAYKV_HAVE_SERVER
+    RecordBuffer staging;
+    staging.Resize(*size);
+    if (Status s = build(staging.data(), staging.size()); !s.ok()) return fail(s);
+    Status s = remote_->Put(ns_, result.record_id, staging.bytes());
+    if (s.code() == StatusCode::kAlreadyExists) {
+      (void)index_->Insert(identity_.Namespace(), result.record_id, tokens);
+      return dedup();
+    }
+    if (!s.ok()) return fail(s.WithContext("export put"));
+#endif
   }
-  writer->Seal();
-  if (Status s = handle->Seal(); !s.ok()) return fail(s);
   // Index after sealing so a lookup never names a record a reader cannot get.
   if (Status s = index_->Insert(identity_.Namespace(), result.record_id, tokens); !s.ok()) {
     if (s.code() != StatusCode::kAlreadyExists) return fail(s);
@@ -192,6 +226,8 @@ Result<ExportResult> KvRelay::Export(const PagedKvCache& cache,
 }
 
 std::vector<Span> KvRelay::Lookup(std::span<const int32_t> prompt, int32_t begin) {
+  // A failed sync is counted; the index answers with what it already knows.
+  if (store_ == nullptr) (void)SyncIndex(/*force=*/false);
   std::vector<Span> spans = index_->Lookup(identity_.Namespace(), prompt, begin);
   m_.lookups.fetch_add(1, std::memory_order_relaxed);
   uint64_t matched = 0;
@@ -215,16 +251,37 @@ Result<ImportResult> KvRelay::Import(const Span& span, std::span<const int32_t> 
   return result;
 }
 
+// Keeps an opened record's bytes: a lease on the embedded store, or the
+// staging copy read from a store server.
+struct KvRelay::RecordHold {
+  ReadLease lease;
+#if RELAYKV_HAVE_SERVER
+  RecordBuffer buffer;
+#endif
+};
+
 Result<RecordView> KvRelay::OpenSpan(const Span& span, std::span<const int32_t> prompt,
-                                     ReadLease* lease) {
+                                     RecordHold* hold) {
   if (span.length <= 0 || span.src_offset < 0 || span.dst_offset < 0 ||
       static_cast<int64_t>(span.dst_offset) + span.length > static_cast<int64_t>(prompt.size())) {
     return InvalidArgument("span [" + std::to_string(span.dst_offset) + ", +" +
                            std::to_string(span.length) + ") does not fit a prompt of " +
                            std::to_string(prompt.size()) + " tokens");
   }
-  RELAYKV_ASSIGN_OR_RETURN(*lease, store_->Get(span.record_id));
-  RELAYKV_ASSIGN_OR_RETURN(RecordView view, ParseRecord(lease->data(), lease->size()));
+  const void* bytes = nullptr;
+  size_t size = 0;
+  if (store_ != nullptr) {
+    RELAYKV_ASSIGN_OR_RETURN(hold->lease, store_->Get(span.record_id));
+    bytes = hold->lease.data();
+    size = hold->lease.size();
+  } else {
+#if RELAYKV_HAVE_SERVER
+    RELAYKV_RETURN_IF_ERROR(remote_->Get(ns_, span.record_id, &hold->buffer));
+    bytes = hold->buffer.data();
+    size = hold->buffer.size();
+#endif
+  }
+  RELAYKV_ASSIGN_OR_RETURN(RecordView view, ParseRecord(bytes, size));
   RELAYKV_RETURN_IF_ERROR(CheckCompatible(view, identity_.model_fingerprint, identity_.layout,
                                           identity_.rope, identity_.tenant));
   if (static_cast<int64_t>(span.src_offset) + span.length > view.num_tokens()) {
@@ -243,8 +300,8 @@ Result<RecordView> KvRelay::OpenSpan(const Span& span, std::span<const int32_t> 
 
 Result<std::vector<uint8_t>> KvRelay::ReadHidden(const Span& span, std::span<const int32_t> prompt,
                                                  int32_t layer) {
-  ReadLease lease;
-  RELAYKV_ASSIGN_OR_RETURN(RecordView view, OpenSpan(span, prompt, &lease));
+  RecordHold hold;
+  RELAYKV_ASSIGN_OR_RETURN(RecordView view, OpenSpan(span, prompt, &hold));
   const std::vector<int32_t>& layers = view.meta().hidden_layers;
   const auto it = std::find(layers.begin(), layers.end(), layer);
   if (it == layers.end()) {
@@ -261,13 +318,13 @@ Result<ImportResult> KvRelay::ImportLocked(const Span& span, std::span<const int
                                            const PagedKvCache& cache,
                                            std::span<const int32_t> block_table) {
   RELAYKV_RETURN_IF_ERROR(CheckCache(cache));
-  ReadLease lease;
-  RELAYKV_ASSIGN_OR_RETURN(RecordView view, OpenSpan(span, prompt, &lease));
+  RecordHold hold;
+  RELAYKV_ASSIGN_OR_RETURN(RecordView view, OpenSpan(span, prompt, &hold));
   RELAYKV_RETURN_IF_ERROR(
       ValidatePagedRange(cache, block_table, span.dst_offset, span.length, /*device=*/false));
 
-  const KvPayload payload{const_cast<uint8_t*>(view.payload()), view.num_tokens(),
-                          identity_.layout, /*on_device=*/false};
+  const KvPayload payload{const_cast<uint8_t*>(view.payload()), view.num_tokens(), identity_.layout,
+                          /*on_device=*/false};
   RELAYKV_RETURN_IF_ERROR(
       ScatterKv(payload, span.src_offset, span.length, cache, block_table, span.dst_offset));
 
@@ -280,8 +337,8 @@ Result<ImportResult> KvRelay::ImportLocked(const Span& span, std::span<const int
     uniform = uniform && deltas[i] == deltas[0];
   }
   if (uniform) {
-    RELAYKV_RETURN_IF_ERROR(RerotateK(cache, block_table, span.dst_offset, span.length,
-                                      identity_.rope, deltas[0]));
+    RELAYKV_RETURN_IF_ERROR(
+        RerotateK(cache, block_table, span.dst_offset, span.length, identity_.rope, deltas[0]));
   } else {
     RELAYKV_RETURN_IF_ERROR(
         RerotateKPerToken(cache, block_table, span.dst_offset, deltas, identity_.rope));
@@ -303,10 +360,88 @@ RelayMetrics KvRelay::Metrics() const {
   out.imports = m_.imports.load();
   out.import_tokens = m_.import_tokens.load();
   out.import_bytes = m_.import_bytes.load();
-  for (size_t i = 0; i < kNumImportFailures; ++i) out.import_failures[i] = m_.import_failures[i].load();
+  for (size_t i = 0; i < kNumImportFailures; ++i)
+    out.import_failures[i] = m_.import_failures[i].load();
   out.lookups = m_.lookups.load();
   out.lookup_tokens_matched = m_.lookup_tokens_matched.load();
+  out.index_syncs = m_.index_syncs.load();
+  out.index_sync_failures = m_.index_sync_failures.load();
   return out;
+}
+
+#if RELAYKV_HAVE_SERVER
+Result<std::unique_ptr<KvRelay>> KvRelay::CreateDistributed(
+    InstanceIdentity identity, DistributedStoreOptions store_options,
+    SpanIndexOptions index_options, std::chrono::milliseconds index_sync_interval) {
+  RELAYKV_RETURN_IF_ERROR(identity.Validate());
+  auto relay = std::unique_ptr<KvRelay>(new KvRelay(std::move(identity)));
+  RELAYKV_ASSIGN_OR_RETURN(relay->index_, SpanIndex::Create(std::move(index_options)));
+  RELAYKV_ASSIGN_OR_RETURN(relay->remote_, DistributedStore::Open(store_options));
+  const InstanceIdentity& id = relay->identity_;
+  relay->ns_ = RecordNamespaceKey(id.model_fingerprint, id.layout.Fingerprint(), id.tenant);
+  relay->sync_interval_ = index_sync_interval;
+  return relay;
+}
+#endif
+
+Status KvRelay::SyncIndex(bool force) {
+#if RELAYKV_HAVE_SERVER
+  if (store_ != nullptr) return Status::Ok();
+  std::lock_guard<std::mutex> lock(sync_mu_);
+  const auto now = std::chrono::steady_clock::now();
+  if (!force && now - synced_at_ < sync_interval_) return Status::Ok();
+  synced_at_ = now;
+  const SpanNamespace ns = identity_.Namespace();
+  auto add = [&](const RecordEntry& e) {
+    if (index_->Insert(ns, e.id, e.tokens).ok()) synced_ids_.insert(e.id);
+  };
+  Directory& dir = remote_->directory();
+  constexpr size_t kBatch = 4096;
+  for (;;) {
+    auto batch = dir.EventsSince(ns_, synced_seq_, kBatch);
+    if (!batch.ok()) {
+      m_.index_sync_failures.fetch_add(1, std::memory_order_relaxed);
+      return batch.status().WithContext("span index sync");
+    }
+    if (batch->truncated) {
+      // Fell behind the directory's event window: rebuild from the listing.
+      auto all = dir.ListRecords(ns_);
+      if (!all.ok()) {
+        m_.index_sync_failures.fetch_add(1, std::memory_order_relaxed);
+        return all.status().WithContext("span index resync");
+      }
+      std::unordered_set<uint64_t> live;
+      for (const RecordEntry& e : *all) live.insert(e.id);
+      for (auto it = synced_ids_.begin(); it != synced_ids_.end();) {
+        if (!live.contains(*it)) {
+          index_->Remove(*it);
+          it = synced_ids_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      for (const RecordEntry& e : *all) {
+        if (!synced_ids_.contains(e.id)) add(e);
+      }
+      synced_seq_ = batch->last_seq;
+      continue;
+    }
+    for (const DirectoryEvent& ev : batch->events) {
+      if (ev.kind == DirectoryEvent::Kind::kAdded) {
+        add(ev.entry);
+      } else {
+        index_->Remove(ev.entry.id);
+        synced_ids_.erase(ev.entry.id);
+      }
+      synced_seq_ = ev.seq;
+    }
+    if (batch->events.size() < kBatch) break;
+  }
+  m_.index_syncs.fetch_add(1, std::memory_order_relaxed);
+#else
+  (void)force;
+#endif
+  return Status::Ok();
 }
 
 }  // namespace relaykv

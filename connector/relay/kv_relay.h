@@ -14,10 +14,13 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "connector/kv_ops/paged_kv.h"
@@ -27,6 +30,9 @@
 #include "transfer/record/record.h"
 #include "transfer/record/rope_params.h"
 #include "transfer/store/embedded_store.h"
+#if RELAYKV_HAVE_SERVER
+#include "transfer/server/store_client.h"
+#endif
 
 namespace relaykv {
 
@@ -45,14 +51,15 @@ struct InstanceIdentity {
 
 // Why an import fell back to recompute; indexes RelayMetrics::import_failures.
 enum class ImportFailure : uint8_t {
-  kNotFound = 0,    // evicted or never stored
-  kCorrupt,         // checksum or format error
-  kMismatch,        // model, layout, RoPE or tenant differ
-  kTokenMismatch,   // the record no longer holds the tokens the index promised
-  kInvalid,         // bad request (destination out of range, ...)
+  kNotFound = 0,   // evicted or never stored
+  kCorrupt,        // checksum or format error
+  kMismatch,       // model, layout, RoPE or tenant differ
+  kTokenMismatch,  // the record no longer holds the tokens the index promised
+  kInvalid,        // bad request (destination out of range, ...)
   kOther,
+  kUnavailable,  // store server or directory unreachable, or a remote wait timed out
 };
-inline constexpr size_t kNumImportFailures = 6;
+inline constexpr size_t kNumImportFailures = 7;
 std::string_view ImportFailureName(ImportFailure f);
 ImportFailure ClassifyImportFailure(const Status& s);
 
@@ -67,6 +74,10 @@ struct RelayMetrics {
   std::array<uint64_t, kNumImportFailures> import_failures{};
   uint64_t lookups = 0;
   uint64_t lookup_tokens_matched = 0;
+  // Distributed mode: directory syncs of the span index, and failed ones
+  // (lookups then answer from what the index already knows).
+  uint64_t index_syncs = 0;
+  uint64_t index_sync_failures = 0;
 };
 
 // Hidden-state checkpoints exported with a record (optional): checkpoint c
@@ -101,6 +112,20 @@ class KvRelay {
                                                  StoreOptions store_options,
                                                  SpanIndexOptions index_options = {});
 
+#if RELAYKV_HAVE_SERVER
+  // Records live on store servers found through a directory, shared by every
+  // instance of the deployment. Export builds the record in a staging buffer
+  // and puts it on a server; import reads it back into a staging buffer; the
+  // span index follows the directory's events for this instance's namespace
+  // (at most every `index_sync_interval`, at lookup time), so it finds what
+  // other instances exported.
+  static Result<std::unique_ptr<KvRelay>> CreateDistributed(
+      InstanceIdentity identity, DistributedStoreOptions store_options,
+      SpanIndexOptions index_options = {},
+      std::chrono::milliseconds index_sync_interval = std::chrono::milliseconds(50));
+#endif
+  bool distributed() const { return store_ == nullptr; }
+
   // Exports sequence tokens [seq_begin, seq_begin + tokens.size()) whose KV sits
   // in `cache` under `block_table`; `tokens[i]` is the id at position
   // seq_begin + i. The record id is derived from the content (hidden
@@ -126,9 +151,15 @@ class KvRelay {
                                           int32_t layer);
 
   RelayMetrics Metrics() const;
-  StoreStats store_stats() const { return store_->Stats(); }
+  // Embedded mode only (a distributed relay's store lives in other processes:
+  // zeros here).
+  StoreStats store_stats() const { return store_ ? store_->Stats() : StoreStats{}; }
   const InstanceIdentity& identity() const { return identity_; }
-  EmbeddedStore& store() { return *store_; }
+  // Embedded mode: the store; nullptr when distributed.
+  EmbeddedStore* store() { return store_.get(); }
+  // Pulls the directory's changes into the span index now (distributed mode;
+  // a no-op otherwise). Lookup does this on its own, rate-limited.
+  Status SyncIndex(bool force = true);
   SpanIndex& index() { return *index_; }
 
  private:
@@ -136,7 +167,8 @@ class KvRelay {
   Status CheckCache(const PagedKvCache& cache) const;
   // The stored record of `span`, verified against this instance and `prompt`.
   // `lease` keeps the record's memory while the view is used.
-  Result<RecordView> OpenSpan(const Span& span, std::span<const int32_t> prompt, ReadLease* lease);
+  struct RecordHold;
+  Result<RecordView> OpenSpan(const Span& span, std::span<const int32_t> prompt, RecordHold* hold);
   Result<ImportResult> ImportLocked(const Span& span, std::span<const int32_t> prompt,
                                     const PagedKvCache& cache,
                                     std::span<const int32_t> block_table);
@@ -145,13 +177,24 @@ class KvRelay {
   // The store's removal listener points at the index: the index is declared
   // first so it is destroyed last.
   std::unique_ptr<SpanIndex> index_;
-  std::unique_ptr<EmbeddedStore> store_;
+  std::unique_ptr<EmbeddedStore> store_;  // embedded mode
+#if RELAYKV_HAVE_SERVER
+  std::unique_ptr<DistributedStore> remote_;  // distributed mode
+#endif
+  std::string ns_;  // this instance's record namespace key
+  // Directory sync state (distributed mode).
+  std::mutex sync_mu_;
+  uint64_t synced_seq_ = 0;
+  std::chrono::steady_clock::time_point synced_at_{};
+  std::chrono::milliseconds sync_interval_{50};
+  std::unordered_set<uint64_t> synced_ids_;
 
   struct AtomicMetrics {
     std::atomic<uint64_t> exports{0}, export_dedup{0}, export_failures{0}, export_bytes{0};
     std::atomic<uint64_t> imports{0}, import_tokens{0}, import_bytes{0};
     std::array<std::atomic<uint64_t>, kNumImportFailures> import_failures{};
     std::atomic<uint64_t> lookups{0}, lookup_tokens_matched{0};
+    std::atomic<uint64_t> index_syncs{0}, index_sync_failures{0};
   };
   AtomicMetrics m_;
 };

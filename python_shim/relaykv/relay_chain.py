@@ -62,15 +62,23 @@ class Instance:
     """A serving instance: executor, tokenizer and a KvRelay (embedded store + span index)."""
 
     def __init__(self, executor: Executor, tokenizer: Any, *, block_size: int = 16,
-                 store_bytes: int = 1 << 30, tenant: str = "demo", seed: int = 0):
+                 store_bytes: int = 1 << 30, tenant: str = "demo", seed: int = 0,
+                 directory: str | None = None, token: str = "", ucx_tls: str = ""):
+        """With `directory` (redis://host:port/db), records live on the store servers
+        announced there and lookups see every instance's exports; otherwise this
+        instance keeps an embedded store of `store_bytes`."""
         self.executor = executor
         self.tokenizer = tokenizer
         self.block_size = block_size
         cfg = executor.config
         self.layout = core.KvLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_size,
                                     str(executor.dtype).replace("torch.", ""))
-        self.relay = core.KvRelay(model_fingerprint(cfg, executor.weights), self.layout, cfg.rope,
-                                  tenant, store_bytes)
+        fingerprint = model_fingerprint(cfg, executor.weights)
+        if directory:
+            self.relay = core.KvRelay.distributed(fingerprint, self.layout, cfg.rope, tenant,
+                                                  directory=directory, token=token, ucx_tls=ucx_tls)
+        else:
+            self.relay = core.KvRelay(fingerprint, self.layout, cfg.rope, tenant, store_bytes)
         self.rng = random.Random(seed)
         eos = tokenizer.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or ())
@@ -263,6 +271,26 @@ def run_chain(inst: Instance, task: str, *, num_agents: int, max_new_tokens: int
     ttft_ms is the fastest of `repeats` runs (this CPU is shared; the minimum is the
     least noisy estimate of the work itself); fidelity comes from the last run.
     """
+    from relaykv.rectify import Strategy
+
+    strategies = list(strategies) if strategies is not None else [Strategy("naive")]
+    rows = []
+    earlier: list[tuple[str, str]] = []
+    for i in range(min(num_agents, len(AGENTS))):
+        row = run_agent(inst, task, i, earlier, strategies=strategies,
+                        max_new_tokens=max_new_tokens, repeats=repeats)
+        earlier.append((row["name"], row["output"]))
+        rows.append(row)
+        if on_agent:
+            on_agent(row)
+    return rows
+
+
+def run_agent(inst: Instance, task: str, i: int, earlier: Sequence[tuple[str, str]], *,
+              strategies: Sequence[Any], max_new_tokens: int, repeats: int = 1) -> dict:
+    """Agent i of the chain on `inst`: its prompt (system prompt, task, the earlier
+    agents' (name, output) pairs) prefilled in full and with each strategy, measured;
+    then its answer decoded from the exact cache and exported. Returns its row."""
     from relaykv.rectify import Strategy, prefill as prefill_once
 
     def prefill(ids: Sequence[int], strategy: Any) -> Any:
@@ -270,50 +298,43 @@ def run_chain(inst: Instance, task: str, *, num_agents: int, max_new_tokens: int
         runs[-1].ttft_ms = min(r.ttft_ms for r in runs)
         return runs[-1]
 
-    strategies = list(strategies) if strategies is not None else [Strategy("naive")]
-    rows = []
-    earlier: list[tuple[str, str]] = []
-    for i, (name, system) in enumerate(AGENTS[:num_agents]):
-        ids = inst.chat_ids(system, agent_user_message(task, earlier))
-        full = prefill(ids, Strategy("full"))
-        ref_cont = inst.decode(full.seq, full.logits, len(ids), GREEDY_MATCH_TOKENS, stop_at_eos=False)
-        row: dict[str, Any] = {"agent": i, "name": name, "prompt_tokens": len(ids),
-                               "ttft_ms": {"full": full.ttft_ms}}
-        for key in ("speedup", "reuse_rate", "recompute_ratio", "top1_agree", "kl", "greedy_match",
-                    "imported_tokens", "recomputed_tokens", "prefix_tokens"):
-            row[key] = {}
-        for strategy in strategies if i > 0 else []:
-            res = prefill(ids, strategy)
-            cont = inst.decode(res.seq, res.logits, len(ids), GREEDY_MATCH_TOKENS, stop_at_eos=False)
-            label = strategy.label()
-            row["ttft_ms"][label] = res.ttft_ms
-            row["speedup"][label] = full.ttft_ms / res.ttft_ms
-            row["reuse_rate"][label] = res.reuse_rate
-            row["recompute_ratio"][label] = res.recompute_ratio
-            row["top1_agree"][label] = float(int(torch.argmax(full.logits)) == int(torch.argmax(res.logits)))
-            row["kl"][label] = kl_divergence(full.logits, res.logits)
-            row["greedy_match"][label] = greedy_match(ref_cont, cont)
-            for key in ("imported_tokens", "recomputed_tokens", "prefix_tokens"):
-                row[key][label] = res.info.get(key, 0)
-            if strategy.name == "naive" and res.info.get("span_positions"):
-                row["layer_cosine"] = layer_cosine(inst, full.seq, res.seq, res.info["span_positions"])
-            del res
-        # The agent's answer, decoded from its exact cache, becomes the next agents' input.
-        seq_dec = inst.new_sequence(len(ids) + max_new_tokens + 1)
-        logits = inst.prefill(seq_dec, ids, 0)
-        out = inst.decode(seq_dec, logits, len(ids), max_new_tokens)
-        body = [t for t in out if t not in inst.eos]
-        # Every sampled token but the last was fed back, so its decoding KV is in the cache;
-        # when the last one is EOS, all of `body` has KV.
-        with_kv = body if len(body) < len(out) else body[:-1]
-        if with_kv:
-            row["export"] = inst.export(seq_dec, with_kv, len(ids))
-        inst.remember(seq_dec, list(ids) + with_kv)
-        text = inst.tokenizer.decode(body, skip_special_tokens=True).strip()
-        row["output_tokens"] = len(out)
-        row["output"] = text
-        earlier.append((name, text))
-        rows.append(row)
-        if on_agent:
-            on_agent(row)
-    return rows
+    name, system = AGENTS[i]
+    ids = inst.chat_ids(system, agent_user_message(task, earlier))
+    full = prefill(ids, Strategy("full"))
+    ref_cont = inst.decode(full.seq, full.logits, len(ids), GREEDY_MATCH_TOKENS, stop_at_eos=False)
+    row: dict[str, Any] = {"agent": i, "name": name, "prompt_tokens": len(ids),
+                           "ttft_ms": {"full": full.ttft_ms}}
+    for key in ("speedup", "reuse_rate", "recompute_ratio", "top1_agree", "kl", "greedy_match",
+                "imported_tokens", "recomputed_tokens", "prefix_tokens"):
+        row[key] = {}
+    for strategy in strategies if i > 0 else []:
+        res = prefill(ids, strategy)
+        cont = inst.decode(res.seq, res.logits, len(ids), GREEDY_MATCH_TOKENS, stop_at_eos=False)
+        label = strategy.label()
+        row["ttft_ms"][label] = res.ttft_ms
+        row["speedup"][label] = full.ttft_ms / res.ttft_ms
+        row["reuse_rate"][label] = res.reuse_rate
+        row["recompute_ratio"][label] = res.recompute_ratio
+        row["top1_agree"][label] = float(int(torch.argmax(full.logits)) == int(torch.argmax(res.logits)))
+        row["kl"][label] = kl_divergence(full.logits, res.logits)
+        row["greedy_match"][label] = greedy_match(ref_cont, cont)
+        for key in ("imported_tokens", "recomputed_tokens", "prefix_tokens"):
+            row[key][label] = res.info.get(key, 0)
+        if strategy.name == "naive" and res.info.get("span_positions"):
+            row["layer_cosine"] = layer_cosine(inst, full.seq, res.seq, res.info["span_positions"])
+        del res
+    # The agent's answer, decoded from its exact cache, becomes the next agents' input.
+    seq_dec = inst.new_sequence(len(ids) + max_new_tokens + 1)
+    logits = inst.prefill(seq_dec, ids, 0)
+    out = inst.decode(seq_dec, logits, len(ids), max_new_tokens)
+    body = [t for t in out if t not in inst.eos]
+    # Every sampled token but the last was fed back, so its decoding KV is in the cache;
+    # when the last one is EOS, all of `body` has KV.
+    with_kv = body if len(body) < len(out) else body[:-1]
+    if with_kv:
+        row["export"] = inst.export(seq_dec, with_kv, len(ids))
+    inst.remember(seq_dec, list(ids) + with_kv)
+    text = inst.tokenizer.decode(body, skip_special_tokens=True).strip()
+    row["output_tokens"] = len(out)
+    row["output"] = text
+    return row

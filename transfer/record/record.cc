@@ -784,4 +784,19 @@ Status CheckCompatible(const RecordView& record, uint64_t model_fingerprint, con
   return Status::Ok();
 }
 
+std::string RecordNamespaceKey(uint64_t model_fingerprint, uint64_t layout_fingerprint,
+                               std::string_view tenant) {
+  char buf[48];
+  std::snprintf(buf, sizeof(buf), "kv1/%016llx/%016llx/",
+                static_cast<unsigned long long>(model_fingerprint),
+                static_cast<unsigned long long>(layout_fingerprint));
+  std::string out(buf);
+  out.append(tenant);
+  return out;
+}
+
+std::string RecordNamespaceKey(const RecordMeta& meta) {
+  return RecordNamespaceKey(meta.model_fingerprint, meta.layout.Fingerprint(), meta.tenant);
+}
+
 }  // namespace relaykv

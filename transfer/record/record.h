@@ -156,6 +156,14 @@ Result<RecordGeometry> ComputeRecordGeometry(const RecordMeta& meta, int32_t num
 // Bytes a record of `num_tokens` tokens needs (what a store must reserve).
 Result<size_t> RecordSize(const RecordMeta& meta, int32_t num_tokens);
 
+// The namespace a record is stored and looked up under, shared by the store
+// server and the directory: records cross only between equal model, layout
+// and tenant. "kv1/<model fp hex>/<layout fp hex>/<tenant>".
+std::string RecordNamespaceKey(uint64_t model_fingerprint, uint64_t layout_fingerprint,
+                               std::string_view tenant);
+// Of a parsed record's meta.
+std::string RecordNamespaceKey(const RecordMeta& meta);
+
 // Builds a record in place in caller memory (host memory, e.g. a store
 // segment). Create writes header, tenant, hidden layer list, tokens and
 // positions and zeroes the padding; the caller then fills the KV and hidden

@@ -357,6 +357,7 @@ Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxTransportOpt
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM;
+  if (options.wakeup) params.features |= UCP_FEATURE_WAKEUP;
   ucp_context_h ctx = nullptr;
   s = ucp_init(&params, config.get(), &ctx);
   if (s != UCS_OK) return FromUcs(s, "ucp_init (tls '" + options.tls + "')");
@@ -476,5 +477,14 @@ Result<std::string> UcxTransport::WaitNotification(std::chrono::milliseconds tim
 }
 
 bool UcxTransport::Progress() { return ucp_worker_progress(core_->worker.get()) != 0; }
+
+Result<int> UcxTransport::EventFd() {
+  int fd = -1;
+  const ucs_status_t s = ucp_worker_get_efd(core_->worker.get(), &fd);
+  if (s != UCS_OK) return FromUcs(s, "ucp_worker_get_efd (was the transport created with wakeup?)");
+  return fd;
+}
+
+bool UcxTransport::Arm() { return ucp_worker_arm(core_->worker.get()) == UCS_OK; }
 
 }  // namespace relaykv

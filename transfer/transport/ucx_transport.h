@@ -49,6 +49,10 @@ struct UcxTransportOptions {
   std::string tcp_segment_size = "1M";
   // How long the destructor of an Endpoint waits for a graceful close.
   std::chrono::milliseconds close_timeout{1000};
+  // Ask UCX for a wakeup file descriptor (EventFd/Arm), so a server can sleep
+  // in poll() beside its sockets instead of spinning on Progress(). Off by
+  // default: with it, UCX keeps only transports that can raise events.
+  bool wakeup = false;
 };
 
 class UcxTransport final : public Transport {
@@ -63,6 +67,12 @@ class UcxTransport final : public Transport {
   Result<std::unique_ptr<Endpoint>> Connect(std::string_view peer_address) override;
   Result<std::string> WaitNotification(std::chrono::milliseconds timeout) override;
   bool Progress() override;
+
+  // Only with options.wakeup. The fd turns readable when the worker has
+  // something to progress. Before sleeping on it, drain Progress() and call
+  // Arm(): false means events arrived meanwhile, so progress again first.
+  Result<int> EventFd();
+  bool Arm();
 
   // Shared with endpoints, requests and registrations (they hold it so the
   // worker and context outlive them).

@@ -192,7 +192,7 @@ TEST_F(RelayTest, EvictedRecordIsNotFoundAndCounted) {
   ASSERT_TRUE(exp.ok());
   const auto spans = relay_->Lookup(answer);
   ASSERT_EQ(spans.size(), 1u);
-  ASSERT_TRUE(relay_->store().Delete(exp->record_id).ok());
+  ASSERT_TRUE(relay_->store()->Delete(exp->record_id).ok());
   // The store told the index.
   EXPECT_TRUE(relay_->Lookup(answer).empty());
   OwnedCache dst = OwnedCache::Nhd();
@@ -207,7 +207,7 @@ TEST_F(RelayTest, CorruptRecordIsRejected) {
   auto exp = relay_->Export(src_.view, src_table_, answer, 0);
   ASSERT_TRUE(exp.ok());
   {
-    auto lease = relay_->store().Get(exp->record_id);
+    auto lease = relay_->store()->Get(exp->record_id);
     ASSERT_TRUE(lease.ok());
     // A bit flip in the last layer's V, as a bad NIC or memory would cause.
     auto* bytes = const_cast<std::byte*>(lease->data());
@@ -234,7 +234,7 @@ TEST_F(RelayTest, RecordOfAnotherModelIsRefused) {
   std::vector<uint8_t> kv(static_cast<size_t>(kLayers) * 2 * 16 * kHeads * kHeadSize * 2);
   auto rec = BuildRecord(meta, toks, pos, kv);
   ASSERT_TRUE(rec.ok()) << rec.status().ToString();
-  auto h = relay_->store().Reserve(77, rec->size());
+  auto h = relay_->store()->Reserve(77, rec->size());
   ASSERT_TRUE(h.ok());
   std::memcpy(h->data(), rec->data(), rec->size());
   ASSERT_TRUE(h->Seal().ok());

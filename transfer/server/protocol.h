@@ -1,0 +1,97 @@
+// Control protocol between store clients and a store server.
+//
+// Bytes never travel here: a client reserves space over this channel, writes
+// the record with one-sided transport operations into the server's
+// registered segment, then seals it here; a reader leases a record here and
+// reads it the same way. The channel is a TCP stream of frames:
+//
+//   frame    := u32 body_length (little-endian, <= kMaxFrameBytes) body
+//   request  := u8 Op, fields
+//   response := u8 StatusCode, then the op's reply fields when OK, else a message
+//
+// Fields are little-endian integers and length-prefixed strings (u32 length).
+// The first request on a connection must be kHello with the deployment token;
+// everything a connection reserved or leased is dropped when it closes, so a
+// dead client cannot pin memory.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "transfer/common/status.h"
+
+namespace relaykv::wire {
+
+inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kMaxFrameBytes = 1u << 20;
+
+enum class Op : uint8_t {
+  kHello = 1,    // u32 version, str token, str client name
+                 //   → str server name, str transport, str transport address,
+                 //     u32 n, n × str segment descriptor, u64 capacity
+  kReserve = 2,  // str ns, u64 id, u64 size, u32 ttl_ms (0: server default)
+                 //   → u64 handle, u32 segment, u64 offset
+                 //   AlreadyExists: an identical record is already stored
+  kSeal = 3,     // u64 handle → (nothing). The server verifies the record first.
+  kAbort = 4,    // u64 handle → (nothing)
+  kLease = 5,    // str ns, u64 id → u64 lease, u32 segment, u64 offset, u64 size
+  kRelease = 6,  // u64 lease → (nothing)
+  kDelete = 7,   // str ns, u64 id → (nothing)
+  kStats = 8,    // → str "key value" lines
+};
+std::string_view OpName(Op op);
+
+class Writer {
+ public:
+  Writer& U8(uint8_t v);
+  Writer& U32(uint32_t v);
+  Writer& U64(uint64_t v);
+  Writer& Str(std::string_view v);
+  // Body → frame (length prefix added).
+  std::string Frame() const;
+  const std::string& body() const { return body_; }
+
+ private:
+  std::string body_;
+};
+
+// Reads fields off a body; any read past the end poisons the reader and
+// Finish() returns InvalidArgument (so handlers check once, at the end).
+class Reader {
+ public:
+  explicit Reader(std::string_view body) : rest_(body) {}
+  uint8_t U8();
+  uint32_t U32();
+  uint64_t U64();
+  std::string Str();
+  // OK when every read fit and nothing is left over.
+  Status Finish(std::string_view what) const;
+  bool ok() const { return ok_; }
+
+ private:
+  bool Take(void* out, size_t n);
+  std::string_view rest_;
+  bool ok_ = true;
+};
+
+// A response body carrying `status` (OK bodies are built with OkReply()).
+std::string ErrorReply(const Status& status);
+Writer OkReply();
+// Splits a response body: OK → the reply fields; otherwise the carried error
+// (with `context` in front, and the code the server sent).
+Result<std::string> ParseReply(std::string_view body, std::string_view context);
+
+// Blocking client-side framing on a connected socket; every call bounded by
+// `timeout`. A closed or reset peer is Unavailable, a timeout DeadlineExceeded.
+Status SendFrame(int fd, std::string_view frame, std::chrono::milliseconds timeout);
+Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout);
+
+// "host:port" → connected TCP socket (TCP_NODELAY), within `timeout`.
+Result<int> ConnectTcp(std::string_view host_port, std::chrono::milliseconds timeout);
+// Splits "host:port" (IPv4 or a name; port 1-65535).
+Status SplitHostPort(std::string_view host_port, std::string* host, uint16_t* port);
+
+}  // namespace relaykv::wire

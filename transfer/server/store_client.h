@@ -1,0 +1,132 @@
+// Clients of store servers.
+//
+// StoreClient talks to one server: the control protocol for the books, its
+// own UCX worker for the bytes (one-sided put into / get from the server's
+// registered segment). DistributedStore sits on top: it finds servers and
+// records through the directory, spreads puts over the live servers and
+// keeps one StoreClient per server, reconnecting after failures.
+//
+// Both are safe to call from several threads (calls are serialised per
+// server connection). Every remote wait is bounded by options.timeout.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "transfer/common/status.h"
+#include "transfer/directory/directory.h"
+
+namespace relaykv {
+
+// Heap bytes aligned for record parsing (records are read in place and want
+// 64-byte alignment); page-aligned so transports can register it cheaply.
+class RecordBuffer {
+ public:
+  RecordBuffer() = default;
+  // Grows (never shrinks) the allocation; contents are not preserved.
+  void Resize(size_t size);
+  uint8_t* data() { return data_.get(); }
+  const uint8_t* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+  std::span<const std::byte> bytes() const {
+    return {reinterpret_cast<const std::byte*>(data_.get()), size_};
+  }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const;
+  };
+  std::unique_ptr<uint8_t, Free> data_;
+  size_t size_ = 0;
+  size_t capacity_ = 0;
+};
+
+struct StoreClientOptions {
+  std::string token;
+  std::string client_name = "relaykv";
+  // Bounds each control round trip and each one-sided transfer.
+  std::chrono::milliseconds timeout{5000};
+  // UCX wires (UCX_TLS syntax); empty: UCX's default or the environment's.
+  std::string ucx_tls;
+  // Record TTL asked of the server on put (0: the server's default).
+  std::chrono::milliseconds record_ttl{0};
+};
+
+class StoreClient {
+ public:
+  // Connects, says hello with the token (PermissionDenied when refused) and
+  // connects the transport to the server.
+  static Result<std::unique_ptr<StoreClient>> Connect(std::string_view control_address,
+                                                      const StoreClientOptions& options);
+  ~StoreClient();
+
+  const std::string& server_name() const;
+  uint64_t capacity_bytes() const;
+  // False after a connection or transport failure; the owner reconnects.
+  bool healthy() const;
+
+  // Stores `record` (a complete record) under (ns, id): reserve, one-sided
+  // write, flush, seal. AlreadyExists when the server already holds it. A
+  // record the server cannot verify comes back as its error (DataLoss, ...).
+  Status Put(std::string_view ns, uint64_t id, std::span<const std::byte> record);
+  // Reads record (ns, id) into `out` under a lease (released before return).
+  // NotFound when the server does not hold it.
+  Status Get(std::string_view ns, uint64_t id, RecordBuffer* out);
+  Status Delete(std::string_view ns, uint64_t id);
+  // "key value" lines from the server.
+  Result<std::string> Stats();
+
+  struct Impl;
+
+ private:
+  explicit StoreClient(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+struct DistributedStoreOptions {
+  std::string directory = "embedded";
+  DirectoryOptions directory_options;
+  StoreClientOptions client;
+  // How long the list of live servers (for placing puts) is reused.
+  std::chrono::milliseconds server_refresh{1000};
+};
+
+class DistributedStore {
+ public:
+  static Result<std::unique_ptr<DistributedStore>> Open(const DistributedStoreOptions& options);
+  ~DistributedStore();
+
+  // Places the record on a live server chosen by rendezvous hashing of
+  // (ns, id), so the same record always lands on the same server while the
+  // set of servers is stable. Unavailable when no server is alive.
+  Status Put(std::string_view ns, uint64_t id, std::span<const std::byte> record);
+  // NotFound when the directory has no live holder for it (evicted, never
+  // stored, holder dead) or the holder no longer has it.
+  Status Get(std::string_view ns, uint64_t id, RecordBuffer* out);
+
+  Directory& directory() { return *directory_; }
+
+ private:
+  explicit DistributedStore(DistributedStoreOptions options) : options_(std::move(options)) {}
+  // The connection to `server`, connecting (or reconnecting) when needed.
+  Result<std::shared_ptr<StoreClient>> ClientFor(const ServerInfo& server);
+  void DropClient(const std::string& name);
+  Result<std::vector<ServerInfo>> Servers();
+
+  DistributedStoreOptions options_;
+  std::unique_ptr<Directory> directory_;
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<StoreClient>> clients_;
+  std::vector<ServerInfo> servers_;
+  std::chrono::steady_clock::time_point servers_at_{};
+};
+
+}  // namespace relaykv

@@ -1,0 +1,764 @@
+#include "transfer/server/store_server.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "transfer/directory/directory.h"
+#include "transfer/record/record.h"
+#include "transfer/server/protocol.h"
+#include "transfer/transport/ucx_transport.h"
+
+namespace relaykv {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using wire::Op;
+
+// Owns one file descriptor.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) {
+      reset();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  ~UniqueFd() { reset(); }
+  int get() const { return fd_; }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+// Records are kept in the embedded store under a hash of (namespace, id): ids
+// are only unique within a namespace. The server also remembers the pair, so a
+// hash collision is caught (NotFound), never served.
+uint64_t InternalId(std::string_view ns, uint64_t id) { return XXH64(ns.data(), ns.size(), id); }
+
+std::string RandomSuffix() {
+  std::random_device rd;
+  const uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%012llx",
+                static_cast<unsigned long long>(v & 0xffffffffffffULL));
+  return buf;
+}
+
+bool TokenEquals(std::string_view a, std::string_view b) {
+  // Constant time in the content, so a token cannot be guessed byte by byte
+  // from response times (its length is not worth hiding).
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  }
+  return diff == 0;
+}
+
+Result<UniqueFd> ListenTcp(std::string_view host_port, std::string* bound) {
+  std::string host;
+  uint16_t port = 0;
+  // Port 0 is allowed here (the kernel picks one).
+  const size_t colon = host_port.rfind(':');
+  if (colon == std::string_view::npos) {
+    return InvalidArgument("listen address: expected host:port, got '" + std::string(host_port) +
+                           "'");
+  }
+  host = std::string(host_port.substr(0, colon));
+  const std::string port_str(host_port.substr(colon + 1));
+  char* end = nullptr;
+  const unsigned long p = std::strtoul(port_str.c_str(), &end, 10);
+  if (port_str.empty() || *end != '\0' || p > 65535) {
+    return InvalidArgument("listen address: bad port in '" + std::string(host_port) + "'");
+  }
+  port = static_cast<uint16_t>(p);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  if (host.empty() || host == "0.0.0.0" || host == "*") {
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    host = "0.0.0.0";
+  } else if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
+    addrinfo hints{};
+    hints.ai_family = AF_INET;
+    addrinfo* res = nullptr;
+    if (::getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
+      return InvalidArgument("listen address: cannot resolve '" + host + "'");
+    }
+    addr.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
+    ::freeaddrinfo(res);
+  }
+  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (fd.get() < 0) return Internal(std::string("socket: ") + std::strerror(errno));
+  const int one = 1;
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return Unavailable("bind " + std::string(host_port) + ": " + std::strerror(errno));
+  }
+  if (::listen(fd.get(), 128) != 0) {
+    return Unavailable("listen " + std::string(host_port) + ": " + std::strerror(errno));
+  }
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len);
+  *bound = host + ":" + std::to_string(ntohs(addr.sin_port));
+  return fd;
+}
+
+struct PendingWrite {
+  WriteHandle handle;
+  std::string ns;
+  uint64_t id = 0;
+};
+
+struct Conn {
+  UniqueFd fd;
+  bool http = false;
+  bool authed = false;
+  bool closing = false;  // close once `out` is flushed
+  std::string client;
+  std::string in;
+  std::string out;
+  std::unordered_map<uint64_t, PendingWrite> writes;
+  std::unordered_map<uint64_t, ReadLease> leases;
+};
+
+struct DirOp {
+  enum class Kind { kPublish, kRemove } kind;
+  RecordEntry entry;
+};
+
+}  // namespace
+
+struct StoreServer::Impl {
+  StoreServerOptions options;
+  StoreServerInfo info;
+  std::unique_ptr<EmbeddedStore> store;
+  std::unique_ptr<UcxTransport> transport;
+  std::vector<std::unique_ptr<MemoryRegistration>> registrations;
+  std::string transport_address;
+  std::unique_ptr<Directory> directory;
+
+  UniqueFd listen_fd, metrics_fd, wake_fd;
+  std::map<int, Conn> conns;
+  uint64_t next_handle = 1;
+  std::thread loop_thread, dir_thread;
+  std::atomic<bool> stop{false};
+  bool started = false, shut_down = false;
+
+  // What the directory should list: every sealed record, by internal id.
+  // Guarded by published_mu (the removal listener may run on any thread).
+  mutable std::mutex published_mu;
+  std::unordered_map<uint64_t, RecordEntry> published;
+
+  // Directory thread state.
+  std::mutex dir_mu;
+  std::condition_variable dir_cv;
+  std::deque<DirOp> dir_ops;
+
+  // Metrics (counters the store does not keep itself).
+  std::atomic<uint64_t> auth_failures{0}, bytes_written{0}, bytes_read{0};
+  std::atomic<uint64_t> directory_errors{0}, clients{0}, rejected_seals{0};
+  std::atomic<bool> directory_up{false};
+
+  void EnqueueDir(DirOp op) {
+    {
+      std::lock_guard<std::mutex> lock(dir_mu);
+      dir_ops.push_back(std::move(op));
+    }
+    dir_cv.notify_one();
+  }
+
+  void OnRemoval(RecordId internal, RemovalReason) {
+    RecordEntry entry;
+    {
+      std::lock_guard<std::mutex> lock(published_mu);
+      auto it = published.find(internal);
+      if (it == published.end()) return;
+      entry = std::move(it->second);
+      published.erase(it);
+    }
+    entry.tokens.clear();
+    EnqueueDir({DirOp::Kind::kRemove, std::move(entry)});
+  }
+
+  // ---- event loop -------------------------------------------------------
+  void Loop();
+  void Accept(int lfd, bool http);
+  void OnReadable(Conn& c);
+  void Flush(Conn& c);
+  void HandleFrame(Conn& c, std::string_view body);
+  void HandleHttp(Conn& c);
+  std::string Handle(Conn& c, Op op, wire::Reader& r);
+
+  // ---- directory thread ---------------------------------------------------
+  void DirectoryLoop();
+  ServerInfo AnnouncedInfo() const {
+    ServerInfo s;
+    s.name = info.name;
+    s.control_address = info.control_address;
+    s.transport = "ucx";
+    s.transport_address = transport_address;
+    s.capacity_bytes = store->capacity_bytes();
+    s.bytes_used = store->Stats().bytes_used;
+    return s;
+  }
+};
+
+Status StoreServerOptions::Validate() const {
+  RELAYKV_RETURN_IF_ERROR(store.Validate().WithContext("store"));
+  if (name.empty()) return InvalidArgument("name: must not be empty");
+  if (heartbeat.count() <= 0) return InvalidArgument("heartbeat: must be > 0 ms");
+  if (token.empty() && !allow_unauthenticated) {
+    return InvalidArgument(
+        "token: a store server needs the deployment token (--token-file or RELAYKV_TOKEN); "
+        "pass --allow-unauthenticated only on a trusted single-user machine");
+  }
+  if (store.memory_kind != MemoryKind::kHost) {
+    return Unimplemented("store: a store server holds host memory only");
+  }
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<StoreServer>> StoreServer::Create(StoreServerOptions options) {
+  RELAYKV_RETURN_IF_ERROR(options.Validate());
+  auto impl = std::make_unique<Impl>();
+  Impl* raw = impl.get();
+  options.store.on_removal = [raw](RecordId id, RemovalReason reason) {
+    raw->OnRemoval(id, reason);
+  };
+  // UCX registration wants every page present.
+  options.store.prefault = true;
+  impl->options = options;
+  RELAYKV_ASSIGN_OR_RETURN(impl->store, EmbeddedStore::Create(options.store));
+
+  UcxTransportOptions ucx;
+  ucx.tls = options.ucx_tls;
+  ucx.wakeup = true;
+  RELAYKV_ASSIGN_OR_RETURN(impl->transport, UcxTransport::Create(ucx));
+  for (size_t i = 0; i < impl->store->num_segments(); ++i) {
+    const Segment& seg = impl->store->segment(i);
+    RELAYKV_ASSIGN_OR_RETURN(auto reg,
+                             impl->transport->RegisterMemory(seg.base(), seg.size(), seg.kind()));
+    impl->registrations.push_back(std::move(reg));
+  }
+  RELAYKV_ASSIGN_OR_RETURN(impl->transport_address, impl->transport->LocalAddress());
+
+  std::string bound;
+  RELAYKV_ASSIGN_OR_RETURN(impl->listen_fd, ListenTcp(options.listen, &bound));
+  if (!options.advertise.empty()) {
+    impl->info.control_address = options.advertise;
+  } else if (bound.rfind("0.0.0.0:", 0) == 0) {
+    char host[256] = {0};
+    ::gethostname(host, sizeof(host) - 1);
+    impl->info.control_address = std::string(host) + bound.substr(bound.find(':'));
+  } else {
+    impl->info.control_address = bound;
+  }
+  if (!options.metrics_listen.empty()) {
+    RELAYKV_ASSIGN_OR_RETURN(impl->metrics_fd,
+                             ListenTcp(options.metrics_listen, &impl->info.metrics_address));
+  }
+  impl->wake_fd = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (impl->wake_fd.get() < 0) return Internal(std::string("eventfd: ") + std::strerror(errno));
+
+  DirectoryOptions dopts;
+  dopts.timeout = options.directory_timeout;
+  RELAYKV_ASSIGN_OR_RETURN(impl->directory, OpenDirectory(options.directory, dopts));
+  impl->info.name = options.name + "-" + RandomSuffix();
+  return std::unique_ptr<StoreServer>(new StoreServer(std::move(impl)));
+}
+
+StoreServer::StoreServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+StoreServer::~StoreServer() { Shutdown(); }
+
+const StoreServerInfo& StoreServer::info() const { return impl_->info; }
+StoreStats StoreServer::Stats() const { return impl_->store->Stats(); }
+
+Status StoreServer::Start() {
+  if (impl_->started) return FailedPrecondition("store server already started");
+  impl_->started = true;
+  impl_->dir_thread = std::thread([this] { impl_->DirectoryLoop(); });
+  impl_->loop_thread = std::thread([this] { impl_->Loop(); });
+  return Status::Ok();
+}
+
+void StoreServer::Shutdown() {
+  if (impl_ == nullptr || impl_->shut_down) return;
+  impl_->shut_down = true;
+  impl_->stop = true;
+  const uint64_t one = 1;
+  if (impl_->wake_fd.get() >= 0) (void)!::write(impl_->wake_fd.get(), &one, sizeof(one));
+  impl_->dir_cv.notify_all();
+  if (impl_->loop_thread.joinable()) impl_->loop_thread.join();
+  if (impl_->dir_thread.joinable()) impl_->dir_thread.join();
+  // Connections hold write handles and leases into the store: drop them first.
+  impl_->conns.clear();
+}
+
+// ---- event loop ------------------------------------------------------------
+
+void StoreServer::Impl::Loop() {
+  auto efd_or = transport->EventFd();
+  const int efd = efd_or.ok() ? *efd_or : -1;
+  auto next_sweep = Clock::now() + std::chrono::seconds(1);
+  std::vector<pollfd> fds;
+  std::vector<int> conn_fds;
+  while (!stop) {
+    while (transport->Progress()) {
+    }
+    // Without a wakeup fd, fall back to polling the transport every ms.
+    const bool armed = efd >= 0 && transport->Arm();
+    fds.clear();
+    conn_fds.clear();
+    fds.push_back({wake_fd.get(), POLLIN, 0});
+    fds.push_back({listen_fd.get(), POLLIN, 0});
+    fds.push_back({metrics_fd.get(), static_cast<short>(metrics_fd.get() >= 0 ? POLLIN : 0), 0});
+    fds.push_back({efd, static_cast<short>(efd >= 0 ? POLLIN : 0), 0});
+    for (auto& [fd, c] : conns) {
+      fds.push_back({fd, static_cast<short>(POLLIN | (c.out.empty() ? 0 : POLLOUT)), 0});
+      conn_fds.push_back(fd);
+    }
+    const int timeout_ms = efd >= 0 ? (armed ? 200 : 0) : 1;
+    const int n = ::poll(fds.data(), fds.size(), timeout_ms);
+    if (n < 0 && errno != EINTR) break;
+    if (n > 0) {
+      if (fds[1].revents & POLLIN) Accept(listen_fd.get(), false);
+      if (fds[2].revents & POLLIN) Accept(metrics_fd.get(), true);
+      for (size_t i = 0; i < conn_fds.size(); ++i) {
+        const short ev = fds[4 + i].revents;
+        if (ev == 0) continue;
+        auto it = conns.find(conn_fds[i]);
+        if (it == conns.end()) continue;
+        Conn& c = it->second;
+        if (ev & (POLLIN | POLLHUP | POLLERR)) OnReadable(c);
+        if (!c.closing || !c.out.empty()) Flush(c);
+        const bool dead = c.fd.get() < 0 || (c.closing && c.out.empty());
+        if (dead) {
+          if (!c.http) --clients;
+          conns.erase(it);  // aborts its reservations, releases its leases
+        }
+      }
+    }
+    if (Clock::now() >= next_sweep) {
+      store->ReclaimExpired();
+      next_sweep = Clock::now() + std::chrono::seconds(1);
+    }
+  }
+}
+
+void StoreServer::Impl::Accept(int lfd, bool http) {
+  for (;;) {
+    const int fd = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) return;
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    Conn& c = conns[fd];
+    c.fd = UniqueFd(fd);
+    c.http = http;
+    if (!http) ++clients;
+  }
+}
+
+void StoreServer::Impl::OnReadable(Conn& c) {
+  char buf[64 * 1024];
+  for (;;) {
+    const ssize_t n = ::recv(c.fd.get(), buf, sizeof(buf), 0);
+    if (n > 0) {
+      c.in.append(buf, static_cast<size_t>(n));
+      if (static_cast<size_t>(n) < sizeof(buf)) break;
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    c.fd.reset();  // closed or reset
+    return;
+  }
+  if (c.http) {
+    HandleHttp(c);
+    return;
+  }
+  while (!c.closing && c.in.size() >= sizeof(uint32_t)) {
+    uint32_t len;
+    std::memcpy(&len, c.in.data(), sizeof(len));
+    if (len > wire::kMaxFrameBytes) {
+      c.out += wire::ErrorReply(InvalidArgument("frame too large"));
+      c.closing = true;
+      break;
+    }
+    if (c.in.size() < sizeof(len) + len) break;
+    HandleFrame(c, std::string_view(c.in).substr(sizeof(len), len));
+    c.in.erase(0, sizeof(len) + len);
+  }
+}
+
+void StoreServer::Impl::Flush(Conn& c) {
+  while (!c.out.empty() && c.fd.get() >= 0) {
+    const ssize_t n = ::send(c.fd.get(), c.out.data(), c.out.size(), MSG_NOSIGNAL);
+    if (n > 0) {
+      c.out.erase(0, static_cast<size_t>(n));
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    c.fd.reset();
+    return;
+  }
+}
+
+void StoreServer::Impl::HandleFrame(Conn& c, std::string_view body) {
+  if (body.empty()) {
+    c.out += wire::ErrorReply(InvalidArgument("empty request"));
+    return;
+  }
+  const auto op = static_cast<Op>(static_cast<uint8_t>(body[0]));
+  wire::Reader r(body.substr(1));
+  if (op != Op::kHello && !c.authed) {
+    ++auth_failures;
+    c.out += wire::ErrorReply(PermissionDenied("hello with the deployment token first"));
+    c.closing = true;
+    return;
+  }
+  c.out += Handle(c, op, r);
+}
+
+std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
+  switch (op) {
+    case Op::kHello: {
+      const uint32_t version = r.U32();
+      const std::string token = r.Str();
+      c.client = r.Str();
+      if (Status s = r.Finish("hello"); !s.ok()) return wire::ErrorReply(s);
+      if (version != wire::kProtocolVersion) {
+        c.closing = true;
+        return wire::ErrorReply(FailedPrecondition("protocol version " + std::to_string(version) +
+                                                   " not supported (server speaks " +
+                                                   std::to_string(wire::kProtocolVersion) + ")"));
+      }
+      if (!options.token.empty() && !TokenEquals(token, options.token)) {
+        ++auth_failures;
+        c.closing = true;
+        return wire::ErrorReply(PermissionDenied("bad token"));
+      }
+      c.authed = true;
+      wire::Writer w = wire::OkReply();
+      w.Str(info.name).Str("ucx").Str(transport_address);
+      w.U32(static_cast<uint32_t>(registrations.size()));
+      for (const auto& reg : registrations) w.Str(reg->descriptor());
+      w.U64(store->capacity_bytes());
+      return w.Frame();
+    }
+    case Op::kReserve: {
+      const std::string ns = r.Str();
+      const uint64_t id = r.U64();
+      const uint64_t size = r.U64();
+      const uint32_t ttl_ms = r.U32();
+      if (Status s = r.Finish("reserve"); !s.ok()) return wire::ErrorReply(s);
+      if (ns.empty()) return wire::ErrorReply(InvalidArgument("reserve: empty namespace"));
+      const uint64_t internal = InternalId(ns, id);
+      auto handle = ttl_ms == 0 ? store->Reserve(internal, size)
+                                : store->Reserve(internal, size, std::chrono::milliseconds(ttl_ms));
+      if (!handle.ok()) return wire::ErrorReply(handle.status());
+      const uint64_t h = next_handle++;
+      wire::Writer w = wire::OkReply();
+      w.U64(h).U32(handle->segment()).U64(handle->offset());
+      c.writes.emplace(h, PendingWrite{std::move(*handle), ns, id});
+      return w.Frame();
+    }
+    case Op::kSeal: {
+      const uint64_t h = r.U64();
+      if (Status s = r.Finish("seal"); !s.ok()) return wire::ErrorReply(s);
+      auto it = c.writes.find(h);
+      if (it == c.writes.end()) return wire::ErrorReply(NotFound("seal: unknown handle"));
+      PendingWrite pw = std::move(it->second);
+      c.writes.erase(it);
+      // Verify before publishing: the directory must never point at garbage.
+      auto view = ParseRecord(pw.handle.data(), pw.handle.size());
+      if (!view.ok()) {
+        ++rejected_seals;
+        return wire::ErrorReply(view.status().WithContext("seal: record rejected"));
+      }
+      if (RecordNamespaceKey(view->meta()) != pw.ns) {
+        ++rejected_seals;
+        return wire::ErrorReply(InvalidArgument(
+            "seal: the record's model, layout or tenant do not match namespace '" + pw.ns + "'"));
+      }
+      RecordEntry entry;
+      entry.ns = pw.ns;
+      entry.id = pw.id;
+      entry.server = info.name;
+      entry.length = pw.handle.size();
+      entry.seq_begin = view->positions().empty() ? 0 : view->positions()[0];
+      entry.tokens.assign(view->tokens().begin(), view->tokens().end());
+      const uint64_t internal = pw.handle.id();
+      const uint64_t bytes = pw.handle.size();
+      {
+        // Published before Seal so a removal racing right after finds it.
+        std::lock_guard<std::mutex> lock(published_mu);
+        published[internal] = entry;
+      }
+      if (Status s = pw.handle.Seal(); !s.ok()) {
+        std::lock_guard<std::mutex> lock(published_mu);
+        published.erase(internal);
+        return wire::ErrorReply(s);
+      }
+      bytes_written += bytes;
+      EnqueueDir({DirOp::Kind::kPublish, std::move(entry)});
+      return wire::OkReply().Frame();
+    }
+    case Op::kAbort: {
+      const uint64_t h = r.U64();
+      if (Status s = r.Finish("abort"); !s.ok()) return wire::ErrorReply(s);
+      c.writes.erase(h);
+      return wire::OkReply().Frame();
+    }
+    case Op::kLease: {
+      const std::string ns = r.Str();
+      const uint64_t id = r.U64();
+      if (Status s = r.Finish("lease"); !s.ok()) return wire::ErrorReply(s);
+      const uint64_t internal = InternalId(ns, id);
+      {
+        std::lock_guard<std::mutex> lock(published_mu);
+        auto it = published.find(internal);
+        if (it == published.end() || it->second.ns != ns || it->second.id != id) {
+          return wire::ErrorReply(NotFound("record not stored here"));
+        }
+      }
+      auto lease = store->Get(internal);
+      if (!lease.ok()) return wire::ErrorReply(lease.status());
+      const uint64_t h = next_handle++;
+      wire::Writer w = wire::OkReply();
+      w.U64(h).U32(lease->segment()).U64(lease->offset()).U64(lease->size());
+      bytes_read += lease->size();
+      c.leases.emplace(h, std::move(*lease));
+      return w.Frame();
+    }
+    case Op::kRelease: {
+      const uint64_t h = r.U64();
+      if (Status s = r.Finish("release"); !s.ok()) return wire::ErrorReply(s);
+      c.leases.erase(h);
+      return wire::OkReply().Frame();
+    }
+    case Op::kDelete: {
+      const std::string ns = r.Str();
+      const uint64_t id = r.U64();
+      if (Status s = r.Finish("delete"); !s.ok()) return wire::ErrorReply(s);
+      const uint64_t internal = InternalId(ns, id);
+      {
+        std::lock_guard<std::mutex> lock(published_mu);
+        auto it = published.find(internal);
+        if (it == published.end() || it->second.ns != ns || it->second.id != id) {
+          return wire::ErrorReply(NotFound("record not stored here"));
+        }
+      }
+      if (Status s = store->Delete(internal); !s.ok()) return wire::ErrorReply(s);
+      return wire::OkReply().Frame();
+    }
+    case Op::kStats: {
+      if (Status s = r.Finish("stats"); !s.ok()) return wire::ErrorReply(s);
+      wire::Writer w = wire::OkReply();
+      const StoreStats st = store->Stats();
+      std::ostringstream o;
+      o << "records " << st.records << "\nbytes_used " << st.bytes_used << "\ncapacity_bytes "
+        << st.capacity_bytes << "\nleases " << st.leases << "\npending " << st.pending
+        << "\nevictions " << st.evictions << "\n";
+      w.Str(o.str());
+      return w.Frame();
+    }
+  }
+  c.closing = true;
+  return wire::ErrorReply(InvalidArgument("unknown op " + std::to_string(static_cast<int>(op))));
+}
+
+namespace {
+
+void Metric(std::ostringstream& o, const char* name, const char* type, const char* help,
+            uint64_t value, const char* labels = nullptr) {
+  o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n' << name;
+  if (labels != nullptr) o << '{' << labels << '}';
+  o << ' ' << value << '\n';
+}
+
+}  // namespace
+
+std::string RenderMetrics(const StoreServer::Impl& s) {
+  const StoreStats st = s.store->Stats();
+  std::ostringstream o;
+  Metric(o, "relaykv_store_capacity_bytes", "gauge", "Bytes of record memory this server owns.",
+         st.capacity_bytes);
+  Metric(o, "relaykv_store_used_bytes", "gauge", "Bytes allocated to records (any state).",
+         st.bytes_used);
+  Metric(o, "relaykv_store_records", "gauge", "Sealed records held.", st.records);
+  Metric(o, "relaykv_store_leases", "gauge", "Outstanding read leases.", st.leases);
+  Metric(o, "relaykv_store_clients", "gauge", "Connected control clients.", s.clients.load());
+  Metric(o, "relaykv_store_puts_total", "counter", "Records sealed.", st.puts);
+  o << "# HELP relaykv_store_gets_total Lease requests by result.\n"
+       "# TYPE relaykv_store_gets_total counter\n"
+    << "relaykv_store_gets_total{result=\"hit\"} " << st.hits << '\n'
+    << "relaykv_store_gets_total{result=\"miss\"} " << st.misses << '\n';
+  Metric(o, "relaykv_store_evictions_total", "counter", "Records evicted to make room.",
+         st.evictions);
+  Metric(o, "relaykv_store_expirations_total", "counter", "Records whose TTL ran out.",
+         st.expirations);
+  Metric(o, "relaykv_store_rejected_puts_total", "counter",
+         "Reservations refused (full, too large, duplicate) and records refused at seal.",
+         st.rejected_puts + s.rejected_seals.load());
+  Metric(o, "relaykv_store_auth_failures_total", "counter",
+         "Connections refused for a bad or missing token.", s.auth_failures.load());
+  Metric(o, "relaykv_store_bytes_written_total", "counter", "Record bytes sealed.",
+         s.bytes_written.load());
+  Metric(o, "relaykv_store_bytes_read_total", "counter", "Record bytes leased to readers.",
+         s.bytes_read.load());
+  Metric(o, "relaykv_store_directory_up", "gauge", "1 when the last directory heartbeat succeeded.",
+         s.directory_up.load() ? 1 : 0);
+  Metric(o, "relaykv_store_directory_errors_total", "counter", "Failed directory operations.",
+         s.directory_errors.load());
+  return o.str();
+}
+
+std::string StoreServer::MetricsText() const { return RenderMetrics(*impl_); }
+
+void StoreServer::Impl::HandleHttp(Conn& c) {
+  const size_t end = c.in.find("\r\n\r\n");
+  if (end == std::string::npos) {
+    if (c.in.size() > 8192) c.fd.reset();
+    return;
+  }
+  const size_t sp1 = c.in.find(' ');
+  const size_t sp2 = sp1 == std::string::npos ? sp1 : c.in.find(' ', sp1 + 1);
+  const std::string method = c.in.substr(0, sp1);
+  const std::string path = sp2 == std::string::npos ? "" : c.in.substr(sp1 + 1, sp2 - sp1 - 1);
+  int code = 200;
+  std::string body, type = "text/plain; charset=utf-8";
+  if (method != "GET") {
+    code = 405;
+    body = "method not allowed\n";
+  } else if (path == "/metrics") {
+    body = RenderMetrics(*this);
+    type = "text/plain; version=0.0.4; charset=utf-8";
+  } else if (path == "/healthz") {
+    body = "ok\n";
+  } else if (path == "/readyz") {
+    if (directory_up) {
+      body = "ready\n";
+    } else {
+      code = 503;
+      body = "not announced in the directory\n";
+    }
+  } else {
+    code = 404;
+    body = "not found\n";
+  }
+  const char* reason = code == 200   ? "OK"
+                       : code == 404 ? "Not Found"
+                       : code == 405 ? "Method Not Allowed"
+                                     : "Service Unavailable";
+  c.out += "HTTP/1.1 " + std::to_string(code) + " " + reason + "\r\nContent-Type: " + type +
+           "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" +
+           body;
+  c.in.clear();
+  c.closing = true;
+}
+
+// ---- directory thread -----------------------------------------------------------
+
+void StoreServer::Impl::DirectoryLoop() {
+  const auto ttl = options.heartbeat * 3;
+  auto next_beat = Clock::now();
+  std::deque<DirOp> retry;
+  bool need_republish = true;
+  while (true) {
+    std::deque<DirOp> ops;
+    {
+      std::unique_lock<std::mutex> lock(dir_mu);
+      dir_cv.wait_until(lock, next_beat, [&] { return stop.load() || !dir_ops.empty(); });
+      ops.swap(dir_ops);
+    }
+    if (stop) break;
+    if (Clock::now() >= next_beat) {
+      next_beat = Clock::now() + options.heartbeat;
+      // A server key that vanished (expired during an outage, or a restarted
+      // Redis) means the directory lost our records too.
+      auto found = directory->FindServer(info.name);
+      Status s = found.ok() ? directory->AnnounceServer(AnnouncedInfo(), ttl) : found.status();
+      if (s.ok()) {
+        if (!found->has_value()) need_republish = true;
+        if (need_republish) {
+          std::vector<RecordEntry> all;
+          {
+            std::lock_guard<std::mutex> lock(published_mu);
+            all.reserve(published.size());
+            for (const auto& [k, e] : published) all.push_back(e);
+          }
+          for (const RecordEntry& e : all) {
+            s = directory->PublishRecord(e);
+            if (!s.ok()) break;
+          }
+          // Whatever was queued is part of the republish or a removal.
+          if (s.ok()) {
+            need_republish = false;
+            std::erase_if(retry, [](const DirOp& op) { return op.kind == DirOp::Kind::kPublish; });
+          }
+        }
+      }
+      if (!s.ok()) {
+        ++directory_errors;
+        directory_up = false;
+        need_republish = true;
+      } else {
+        directory_up = true;
+        while (!retry.empty()) ops.push_front(std::move(retry.back())), retry.pop_back();
+      }
+    }
+    for (DirOp& op : ops) {
+      if (!directory_up) {
+        retry.push_back(std::move(op));
+        continue;
+      }
+      Status s = op.kind == DirOp::Kind::kPublish
+                     ? directory->PublishRecord(op.entry)
+                     : directory->RemoveRecord(op.entry.ns, op.entry.id, op.entry.server);
+      if (!s.ok()) {
+        ++directory_errors;
+        if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) {
+          directory_up = false;
+          need_republish = true;
+          retry.push_back(std::move(op));
+        }
+      }
+    }
+  }
+  // Graceful exit: readers stop being sent here at once rather than after the TTL.
+  (void)directory->WithdrawServer(info.name);
+  directory_up = false;
+}
+
+}  // namespace relaykv
