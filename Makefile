@@ -49,7 +49,7 @@ demo: build
 	$(PY) -m relaykv demo
 
 # Benchmarks write JSON lines into results/ (one file per benchmark).
-BENCHES := span_index kv_ops store transport
+BENCHES := span_index kv_ops store transport server
 bench: build
 	@mkdir -p results
 	@set -e; for b in $(BENCHES); do echo "== $$b"; $(BUILD)/tests/bench/$$b/$${b}_bench | tee results/$$b.jsonl; done

@@ -31,6 +31,7 @@ constexpr const char* kUsage = R"(usage: relaykv-store [flags]
   --token-file PATH         deployment token (or env RELAYKV_TOKEN); required for any access
   --allow-unauthenticated   run without a token (trusted single-user machines only)
   --ucx-tls LIST            UCX transports, UCX_TLS syntax (default: UCX's choice / UCX_TLS)
+  --verify-payload          also verify KV payload checksums at seal (importers always do)
 )";
 
 bool ParseSize(std::string_view s, uint64_t* out) {
@@ -117,6 +118,8 @@ int main(int argc, char** argv) {
       token_file = value();
     } else if (a == "--allow-unauthenticated") {
       o.allow_unauthenticated = true;
+    } else if (a == "--verify-payload") {
+      o.verify_payload = true;
     } else if (a == "--ucx-tls") {
       o.ucx_tls = value();
     } else {

@@ -118,6 +118,7 @@ Result<std::unique_ptr<StoreClient>> StoreClient::Connect(std::string_view contr
   }
   UcxTransportOptions ucx;
   ucx.tls = options.ucx_tls;
+  ucx.peer_error_handling = options.ucx_peer_error_handling;
   RELAYKV_ASSIGN_OR_RETURN(impl->transport, UcxTransport::Create(ucx));
   RELAYKV_ASSIGN_OR_RETURN(impl->endpoint, impl->transport->Connect(address));
   return std::unique_ptr<StoreClient>(new StoreClient(std::move(impl)));

@@ -56,6 +56,10 @@ struct StoreClientOptions {
   std::chrono::milliseconds timeout{5000};
   // UCX wires (UCX_TLS syntax); empty: UCX's default or the environment's.
   std::string ucx_tls;
+  // UCX peer failure detection (see UcxTransportOptions::peer_error_handling):
+  // on by default; off lets UCX use shared memory (posix/sysv) on one host,
+  // where a dead server is then noticed by `timeout` only.
+  bool ucx_peer_error_handling = true;
   // Record TTL asked of the server on put (0: the server's default).
   std::chrono::milliseconds record_ttl{0};
 };

@@ -501,7 +501,9 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       PendingWrite pw = std::move(it->second);
       c.writes.erase(it);
       // Verify before publishing: the directory must never point at garbage.
-      auto view = ParseRecord(pw.handle.data(), pw.handle.size());
+      ParseOptions parse;
+      parse.verify_payload_checksums = options.verify_payload;
+      auto view = ParseRecord(pw.handle.data(), pw.handle.size(), parse);
       if (!view.ok()) {
         ++rejected_seals;
         return wire::ErrorReply(view.status().WithContext("seal: record rejected"));

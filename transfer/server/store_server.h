@@ -13,8 +13,9 @@
 // outage (a restarted Redis has lost everything), the next successful
 // heartbeat republishes every record the server holds.
 //
-// The server verifies every record at seal (format, checksums, namespace) and
-// refuses corrupt ones, so the directory never points readers at garbage.
+// The server verifies every record at seal (format, header and metadata
+// checksums, namespace; payload checksums with verify_payload) and refuses
+// corrupt ones, so the directory never publishes tokens a record does not hold.
 #pragma once
 
 #include <atomic>
@@ -45,6 +46,12 @@ struct StoreServerOptions {
   bool allow_unauthenticated = false;
   std::string ucx_tls;  // empty: UCX's default / UCX_TLS
   std::chrono::milliseconds directory_timeout{500};
+  // Seal always verifies a record's header, metadata, tokens and namespace
+  // (what the directory publishes). Payload checksums cost a pass over the
+  // bytes on the server's one event thread, and every importer verifies them
+  // anyway (a corrupt payload becomes a counted recompute there), so they are
+  // checked at seal only when asked.
+  bool verify_payload = false;
 
   Status Validate() const;
 };

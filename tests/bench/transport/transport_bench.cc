@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "baselines.h"
 #include "bench_util.h"
 #include "tests/cpp/transport/peer_util.h"
 #include "transfer/store/segment_allocator.h"
@@ -34,105 +35,12 @@ using bench::JsonLine;
 using bench::Median;
 using bench::NowSeconds;
 
-constexpr uint64_t kSizes[] = {1ull << 20, 16ull << 20, 256ull << 20};
-constexpr uint64_t kMax = 256ull << 20;
-
-int Reps(uint64_t size) { return size <= (1u << 20) ? 40 : size <= (16u << 20) ? 10 : 3; }
+using bench::kMax;
+using bench::kSizes;
+using bench::Reps;
 
 void Report(const char* path, const char* op, uint64_t size, const std::vector<double>& secs) {
-  const double s = Median(secs);
-  JsonLine("transport")
-      .Str("path", path)
-      .Str("op", op)
-      .Int("bytes", static_cast<int64_t>(size))
-      .Int("reps", static_cast<int64_t>(secs.size()))
-      .Num("median_ms", s * 1e3)
-      .Num("gbps", static_cast<double>(size) / s / 1e9)
-      .Print();
-}
-
-std::unique_ptr<Segment> Buffer(uint64_t bytes) {
-  auto s = Segment::Create(bytes, 4096, MemoryKind::kHost, /*populate=*/true);
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s\n", s.status().ToString().c_str());
-    std::exit(1);
-  }
-  return std::move(*s);
-}
-
-void BenchMemcpy(uint8_t* src, uint8_t* dst) {
-  for (uint64_t size : kSizes) {
-    std::vector<double> t;
-    std::memcpy(dst, src, size);  // warm
-    for (int i = 0; i < Reps(size); ++i) {
-      const double t0 = NowSeconds();
-      std::memcpy(dst, src, size);
-      bench::DoNotOptimize(dst[size - 1]);
-      t.push_back(NowSeconds() - t0);
-    }
-    Report("memcpy", "copy", size, t);
-  }
-}
-
-// Runs before any UCX state exists, so forking is plain.
-void BenchRawTcp(const uint8_t* src) {
-  int lfd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t alen = sizeof(a);
-  if (::bind(lfd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || ::listen(lfd, 1) != 0 ||
-      ::getsockname(lfd, reinterpret_cast<sockaddr*>(&a), &alen) != 0) {
-    std::perror("raw tcp listen");
-    return;
-  }
-  pid_t pid = ::fork();
-  if (pid == 0) {  // sink: read framed payloads, ack each with one byte
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) _exit(1);
-    std::vector<uint8_t> sink(kMax);
-    while (true) {
-      uint64_t n = 0;
-      if (!testing::ReadExact(fd, &n, sizeof(n),
-                              std::chrono::steady_clock::now() + std::chrono::seconds(30))
-               .ok() ||
-          n == 0) {
-        _exit(0);
-      }
-      if (!testing::ReadExact(fd, sink.data(), n,
-                              std::chrono::steady_clock::now() + std::chrono::seconds(30))
-               .ok()) {
-        _exit(2);
-      }
-      const char ack = 1;
-      if (!testing::WriteAll(fd, &ack, 1)) _exit(3);
-    }
-  }
-  int fd = ::accept(lfd, nullptr, nullptr);
-  ::close(lfd);
-  int one = 1;
-  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  for (uint64_t size : kSizes) {
-    std::vector<double> t;
-    for (int i = 0; i < Reps(size) + 1; ++i) {
-      const double t0 = NowSeconds();
-      char ack = 0;
-      testing::WriteAll(fd, &size, sizeof(size));
-      testing::WriteAll(fd, src, size);
-      if (!testing::ReadExact(fd, &ack, 1,
-                              std::chrono::steady_clock::now() + std::chrono::seconds(30))
-               .ok()) {
-        std::fprintf(stderr, "raw tcp: no ack\n");
-        break;
-      }
-      if (i > 0) t.push_back(NowSeconds() - t0);  // first one warms the socket buffers
-    }
-    Report("raw_tcp", "copy", size, t);
-  }
-  const uint64_t zero = 0;
-  testing::WriteAll(fd, &zero, sizeof(zero));
-  ::close(fd);
-  ::waitpid(pid, nullptr, 0);
+  bench::Report("transport", path, op, size, secs);
 }
 
 void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf) {
@@ -213,11 +121,12 @@ void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf)
 
 int main() {
   using namespace relaykv;  // NOLINT
-  auto src = Buffer(kMax);
-  auto dst = Buffer(kMax);
+  auto src = bench::Buffer(kMax);
+  auto dst = bench::Buffer(kMax);
   testing::FillPattern(reinterpret_cast<uint8_t*>(src->base()), kMax, 0, 1);
-  BenchMemcpy(reinterpret_cast<uint8_t*>(src->base()), reinterpret_cast<uint8_t*>(dst->base()));
-  BenchRawTcp(reinterpret_cast<uint8_t*>(src->base()));
+  bench::BenchMemcpy("transport", reinterpret_cast<uint8_t*>(src->base()),
+                     reinterpret_cast<uint8_t*>(dst->base()));
+  bench::BenchRawTcp("transport", reinterpret_cast<uint8_t*>(src->base()));
   dst.reset();
   BenchUcx("ucx_tcp", "tcp", true, reinterpret_cast<uint8_t*>(src->base()));
   BenchUcx("ucx_shm", "posix,sysv,cma", false, reinterpret_cast<uint8_t*>(src->base()));

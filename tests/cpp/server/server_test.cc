@@ -189,16 +189,42 @@ TEST_F(StoreServerTest, RequestsBeforeHelloAreRefused) {
   ::close(*fd);
 }
 
-TEST_F(StoreServerTest, CorruptRecordIsRejectedAtSealAndNeverServed) {
+TEST_F(StoreServerTest, CorruptHeaderIsRejectedAtSealAndNeverServed) {
+  auto client = Client();
+  ASSERT_NE(client, nullptr);
+  const RecordMeta meta = Meta();
+  RecordBuffer rec = MakeRecord(meta, 100, 3);
+  rec.data()[40] ^= 0x40;  // inside the header
+  Status s = client->Put(Ns(meta), 9, rec.bytes());
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s.ToString();
+  RecordBuffer got;
+  EXPECT_EQ(client->Get(Ns(meta), 9, &got).code(), StatusCode::kNotFound);
+}
+
+TEST_F(StoreServerTest, CorruptPayloadIsLeftToTheImporterByDefault) {
   auto client = Client();
   ASSERT_NE(client, nullptr);
   const RecordMeta meta = Meta();
   RecordBuffer rec = MakeRecord(meta, 100, 3);
   rec.data()[rec.size() - 100] ^= 0x40;  // inside the KV payload
-  Status s = client->Put(Ns(meta), 9, rec.bytes());
-  EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s.ToString();
+  ASSERT_TRUE(client->Put(Ns(meta), 9, rec.bytes()).ok());
   RecordBuffer got;
-  EXPECT_EQ(client->Get(Ns(meta), 9, &got).code(), StatusCode::kNotFound);
+  ASSERT_TRUE(client->Get(Ns(meta), 9, &got).ok());
+  auto view = ParseRecord(got.data(), got.size());
+  EXPECT_EQ(view.status().code(), StatusCode::kDataLoss);  // what every import runs
+}
+
+TEST(StoreServerVerify, VerifyPayloadRejectsCorruptPayloadAtSeal) {
+  StoreProcess server;
+  ASSERT_TRUE(server.Start({"--verify-payload"}));
+  auto client = StoreClient::Connect(server.control(), ClientOptions());
+  ASSERT_TRUE(client.ok());
+  const RecordMeta meta = Meta();
+  RecordBuffer rec = MakeRecord(meta, 100, 3);
+  rec.data()[rec.size() - 100] ^= 0x40;
+  EXPECT_EQ((*client)->Put(Ns(meta), 9, rec.bytes()).code(), StatusCode::kDataLoss);
+  RecordBuffer got;
+  EXPECT_EQ((*client)->Get(Ns(meta), 9, &got).code(), StatusCode::kNotFound);
 }
 
 TEST_F(StoreServerTest, RecordMustMatchItsNamespace) {

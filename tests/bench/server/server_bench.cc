@@ -1,0 +1,170 @@
+// Store server export/import bandwidth and fixed cost, through a real
+// relaykv-store process on loopback.
+//
+// For records of ~1 MB, 16 MB and 256 MB it reports, in one run:
+//   memcpy and raw TCP socket copy of the same bytes (baselines.h);
+//   put (export: reserve, one-sided write, flush, seal with the server's
+//   verification) and get (import: lease, one-sided read, release) over
+//   UCX tcp and UCX shared memory;
+// and the fixed cost of a small (~4 KB) record: put and get median µs.
+// One JSON object per line on stdout.
+#include <cstdio>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "baselines.h"
+#include "bench_util.h"
+#include "tests/cpp/testing/processes.h"
+#include "transfer/record/record.h"
+#include "transfer/server/store_client.h"
+
+namespace relaykv {
+namespace {
+
+using bench::JsonLine;
+using bench::Median;
+using bench::NowSeconds;
+
+constexpr const char* kToken = "bench-token";
+
+// A big-model-like layout: 32 layers x 8 KV heads x 128 dims, fp16
+// (128 KiB of K+V per token).
+RecordMeta BigMeta() {
+  RecordMeta m;
+  m.model_fingerprint = 1;
+  m.layout = KvLayout{32, 8, 128, DType::kFloat16};
+  m.rope.theta = 500000.f;
+  m.tenant = "bench";
+  return m;
+}
+RecordMeta SmallMeta() {
+  RecordMeta m = BigMeta();
+  m.layout = KvLayout{2, 2, 64, DType::kFloat16};
+  return m;
+}
+
+RecordBuffer MakeRecord(const RecordMeta& meta, int32_t tokens, int32_t seed) {
+  std::vector<int32_t> ids(tokens), pos(tokens);
+  for (int32_t i = 0; i < tokens; ++i) ids[i] = seed * 100000 + i, pos[i] = i;
+  RecordBuffer buf;
+  buf.Resize(*RecordSize(meta, tokens));
+  auto w = RecordWriter::Create(meta, ids, pos, buf.data(), buf.size());
+  std::memset(w->payload(), seed & 0xff, w->geometry().section(RecordSection::kKv).size);
+  w->Seal();
+  return buf;
+}
+
+struct Server {
+  testing::ChildProcess proc;
+  std::string control;
+};
+
+bool StartServer(Server& s, const std::string& tls) {
+  if (!s.proc.Start({RELAYKV_STORE_BINARY, "--listen", "127.0.0.1:0", "--metrics-listen", "",
+                     "--capacity", "1GiB", "--ucx-tls", tls},
+                    {{"RELAYKV_TOKEN", kToken}})) {
+    return false;
+  }
+  auto line = s.proc.WaitLine("relaykv-store ready", std::chrono::seconds(60));
+  std::smatch m;
+  if (!line || !std::regex_search(*line, m, std::regex("control=(\\S+)"))) return false;
+  s.control = m[1];
+  return true;
+}
+
+void BenchStore(const char* path, const std::string& tls, bool peer_errors) {
+  Server server;
+  if (!StartServer(server, tls)) {
+    JsonLine("server").Str("path", path).Str("error", "store server did not start").Print();
+    return;
+  }
+  StoreClientOptions o;
+  o.token = kToken;
+  o.ucx_tls = tls;
+  o.ucx_peer_error_handling = peer_errors;
+  o.timeout = std::chrono::seconds(60);
+  auto client = StoreClient::Connect(server.control, o);
+  if (!client.ok()) {
+    JsonLine("server").Str("path", path).Str("error", client.status().ToString()).Print();
+    return;
+  }
+  const RecordMeta big = BigMeta();
+  const std::string ns = RecordNamespaceKey(big);
+  uint64_t next_id = 1;
+  for (uint64_t target : bench::kSizes) {
+    const auto tokens = static_cast<int32_t>(target / (2 * 32 * big.layout.TokenBytes()));
+    const RecordBuffer rec = MakeRecord(big, tokens, 1);
+    std::vector<double> put, get;
+    RecordBuffer out;
+    for (int i = 0; i < bench::Reps(target) + 1; ++i) {
+      const uint64_t id = next_id++;
+      double t0 = NowSeconds();
+      Status s = (*client)->Put(ns, id, rec.bytes());
+      const double t_put = NowSeconds() - t0;
+      t0 = NowSeconds();
+      if (s.ok()) s = (*client)->Get(ns, id, &out);
+      const double t_get = NowSeconds() - t0;
+      if (!s.ok()) {
+        JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
+        return;
+      }
+      if (i > 0) put.push_back(t_put), get.push_back(t_get);  // first one warms up
+    }
+    if (out.size() != rec.size() || std::memcmp(out.data(), rec.data(), rec.size()) != 0) {
+      JsonLine("server").Str("path", path).Str("error", "read back different bytes").Print();
+      return;
+    }
+    bench::Report("server", path, "put", rec.size(), put);
+    bench::Report("server", path, "get", rec.size(), get);
+  }
+  // Fixed cost: a record of a few KB, where the round trips dominate.
+  const RecordMeta small = SmallMeta();
+  const std::string small_ns = RecordNamespaceKey(small);
+  const RecordBuffer rec = MakeRecord(small, 8, 2);
+  std::vector<double> put, get;
+  RecordBuffer out;
+  for (int i = 0; i < 220; ++i) {
+    const uint64_t id = next_id++;
+    double t0 = NowSeconds();
+    Status s = (*client)->Put(small_ns, id, rec.bytes());
+    const double t_put = NowSeconds() - t0;
+    t0 = NowSeconds();
+    if (s.ok()) s = (*client)->Get(small_ns, id, &out);
+    const double t_get = NowSeconds() - t0;
+    if (!s.ok()) {
+      JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
+      return;
+    }
+    if (i >= 20) put.push_back(t_put), get.push_back(t_get);
+  }
+  for (auto [op, v] : {std::pair{"put_small", &put}, std::pair{"get_small", &get}}) {
+    JsonLine("server")
+        .Str("path", path)
+        .Str("op", op)
+        .Int("bytes", static_cast<int64_t>(rec.size()))
+        .Int("reps", static_cast<int64_t>(v->size()))
+        .Num("p50_us", Median(*v) * 1e6)
+        .Num("p90_us", bench::Percentile(*v, 0.9) * 1e6)
+        .Print();
+  }
+}
+
+}  // namespace
+}  // namespace relaykv
+
+int main() {
+  using namespace relaykv;  // NOLINT
+  {
+    auto src = bench::Buffer(bench::kMax);
+    auto dst = bench::Buffer(bench::kMax);
+    std::memset(src->base(), 7, bench::kMax);
+    bench::BenchMemcpy("server", reinterpret_cast<uint8_t*>(src->base()),
+                       reinterpret_cast<uint8_t*>(dst->base()));
+    bench::BenchRawTcp("server", reinterpret_cast<uint8_t*>(src->base()));
+  }
+  BenchStore("store_ucx_tcp", "tcp", true);
+  // UCX keeps posix/sysv shm only without peer failure detection (transport README).
+  BenchStore("store_ucx_shm", "posix,sysv,cma", false);
+  return 0;
+}
