@@ -247,6 +247,13 @@ Result<ImportResult> KvRelay::Import(const Span& span, std::span<const int32_t> 
   } else {
     const auto reason = static_cast<size_t>(ClassifyImportFailure(result.status()));
     m_.import_failures[reason].fetch_add(1, std::memory_order_relaxed);
+    if (store_ == nullptr && result.status().code() == StatusCode::kNotFound) {
+      // No live server holds it any more (evicted, or its holder died without a
+      // goodbye): stop offering it, or every later prompt would claim it again.
+      std::lock_guard<std::mutex> lock(sync_mu_);
+      index_->Remove(span.record_id);
+      synced_ids_.erase(span.record_id);
+    }
   }
   return result;
 }

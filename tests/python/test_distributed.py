@@ -122,6 +122,17 @@ def test_store_death_falls_back_and_a_new_store_recovers(cluster):
         relay.import_span(spans[0], prompt, dst, list(range(NB)))
     failures = relay.metrics()["import_failures"]
     assert failures["not_found"] + failures["unavailable"] == 1, failures
+    # Once the directory has forgotten the dead server (3 heartbeats), the record is
+    # NotFound and leaves the span index: later prompts stop claiming it.
+    deadline = time.monotonic() + 5
+    while relay.lookup(prompt) and time.monotonic() < deadline:
+        try:
+            relay.import_span(spans[0], prompt, dst, list(range(NB)))
+        except (core.NotFoundError, core.UnavailableError, core.DeadlineExceededError):
+            pass
+        time.sleep(0.2)
+    assert relay.lookup(prompt) == []
+    assert relay.metrics()["import_failures"]["not_found"] >= 1
     # A store server comes back (empty): exports and imports work again.
     cluster.start_store()
     deadline = time.monotonic() + 10
