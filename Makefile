@@ -54,6 +54,7 @@ bench: build
 	@mkdir -p results
 	@set -e; for b in $(BENCHES); do echo "== $$b"; $(BUILD)/tests/bench/$$b/$${b}_bench | tee results/$$b.jsonl; done
 	$(PY) -m relaykv bench relay --tasks 2 --agents 5 --max-new-tokens 96 --threads 1 --out results/relay.jsonl
+	$(PY) tests/bench/vllm/vllm_e2e_bench.py --out results/vllm_e2e.jsonl
 
 format:
 	clang-format -i $$(git ls-files '*.h' '*.cc' '*.cu')
