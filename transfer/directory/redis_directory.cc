@@ -20,6 +20,25 @@ namespace {
 // Redis. Names, namespaces and blobs travel as ARGV/KEYS strings, which Lua
 // keeps byte-exact.
 
+// Forgets every record a dead or withdrawn server `name` held (the ones it
+// still holds: a record republished by another server stays). Records a
+// server holds are listed in P:held:{name} as "<id>:<ns>" (the id has no
+// ':'). No events are written: readers already stopped seeing these records
+// when the holder died, and instances drop them from their span index at the
+// first NotFound. Expects `name` and `prefix` ("P:") as Lua locals.
+#define RELAYKV_REAP_HELD_LUA                                        \
+  "local held = prefix .. 'held:' .. name\n"                         \
+  "for _, m in ipairs(redis.call('SMEMBERS', held)) do\n"            \
+  "  local c = string.find(m, ':', 1, true)\n"                       \
+  "  local id, ns = string.sub(m, 1, c - 1), string.sub(m, c + 1)\n" \
+  "  local rk = prefix .. 'rec:' .. ns .. ':' .. id\n"               \
+  "  if redis.call('HGET', rk, 'server') == name then\n"             \
+  "    redis.call('DEL', rk)\n"                                      \
+  "    redis.call('SREM', prefix .. 'ids:' .. ns, id)\n"             \
+  "  end\n"                                                          \
+  "end\n"                                                            \
+  "redis.call('DEL', held)\n"
+
 // KEYS: server hash, servers set. ARGV: name, control_address, transport,
 // transport_address, capacity_bytes, bytes_used, ttl_ms.
 constexpr char kAnnounceLua[] = R"lua(
@@ -31,17 +50,20 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 )lua";
 
-// KEYS: server hash, servers set. ARGV: name.
-constexpr char kWithdrawLua[] = R"lua(
+// KEYS: server hash, servers set. ARGV: name, key prefix ("P:").
+constexpr char kWithdrawLua[] =
+    "local name, prefix = ARGV[1], ARGV[2]\n" RELAYKV_REAP_HELD_LUA R"lua(
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 )lua";
 
-// KEYS: servers set. ARGV: server key prefix ("P:server:").
-// Returns a flat array of 6 fields per live server; forgets expired names.
+// KEYS: servers set. ARGV: server key prefix ("P:server:"), key prefix ("P:").
+// Returns a flat array of 6 fields per live server; forgets expired names and
+// the records they held.
 constexpr char kLiveServersLua[] = R"lua(
 local out = {}
+local prefix = ARGV[2]
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local v = redis.call('HMGET', ARGV[1] .. name, 'control_address', 'transport',
                        'transport_address', 'capacity_bytes', 'bytes_used')
@@ -50,18 +72,21 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     for i = 1, 5 do out[#out + 1] = v[i] end
   else
     redis.call('SREM', KEYS[1], name)
+)lua" RELAYKV_REAP_HELD_LUA R"lua(
   end
 end
 return out
 )lua";
 
-// KEYS: holder's server hash, record hash, seq counter, events zset, ids set.
-// ARGV: server, length, seq_begin, tokens, packed event, trim stop ('' = keep
-// all), id. Returns the new seq, or -1 when the holder is not alive.
+// KEYS: holder's server hash, record hash, seq counter, events zset, ids set,
+// holder's held set. ARGV: server, length, seq_begin, tokens, packed event,
+// trim stop ('' = keep all), id, ns. Returns the new seq, or -1 when the
+// holder is not alive.
 constexpr char kPublishLua[] = R"lua(
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local seq = redis.call('INCR', KEYS[3])
 redis.call('DEL', KEYS[2])
+redis.call('SADD', KEYS[6], ARGV[7] .. ':' .. ARGV[8])
 redis.call('HSET', KEYS[2], 'server', ARGV[1], 'length', ARGV[2], 'seq_begin', ARGV[3],
            'tokens', ARGV[4])
 redis.call('SADD', KEYS[5], ARGV[7])
@@ -70,10 +95,11 @@ if ARGV[6] ~= '' then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, ARGV[6]) end
 return seq
 )lua";
 
-// KEYS: record hash, seq counter, events zset, ids set.
-// ARGV: server, packed event, trim stop, id. Returns the new seq, or 0 when
-// `server` does not hold the record (nothing changes then).
+// KEYS: record hash, seq counter, events zset, ids set, holder's held set.
+// ARGV: server, packed event, trim stop, id, ns. Returns the new seq, or 0
+// when `server` does not hold the record (nothing changes then).
 constexpr char kRemoveLua[] = R"lua(
+redis.call('SREM', KEYS[5], ARGV[4] .. ':' .. ARGV[5])
 if redis.call('HGET', KEYS[1], 'server') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[4], ARGV[4])
@@ -453,15 +479,15 @@ Status RedisDirectory::AnnounceServer(const ServerInfo& info, std::chrono::milli
 
 Status RedisDirectory::WithdrawServer(std::string_view name) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto r =
-      Eval(kWithdraw, {Key("server", name), options_.key_prefix + ":servers"}, {std::string(name)});
+  auto r = Eval(kWithdraw, {Key("server", name), options_.key_prefix + ":servers"},
+                {std::string(name), options_.key_prefix + ":"});
   return r.ok() ? Status::Ok() : r.status();
 }
 
 Result<std::vector<ServerInfo>> RedisDirectory::LiveServers() {
   std::lock_guard<std::mutex> lock(mu_);
-  RELAYKV_ASSIGN_OR_RETURN(
-      ReplyPtr r, Eval(kLiveServers, {options_.key_prefix + ":servers"}, {Key("server", "")}));
+  RELAYKV_ASSIGN_OR_RETURN(ReplyPtr r, Eval(kLiveServers, {options_.key_prefix + ":servers"},
+                                            {Key("server", ""), options_.key_prefix + ":"}));
   if (r->type != REDIS_REPLY_ARRAY || r->elements % 6 != 0) {
     return Fail("unexpected reply to LiveServers");
   }
@@ -510,12 +536,13 @@ Status RedisDirectory::PublishRecord(const RecordEntry& entry) {
   const std::string id = std::to_string(entry.id);
   std::lock_guard<std::mutex> lock(mu_);
   RELAYKV_ASSIGN_OR_RETURN(
-      ReplyPtr r, Eval(kPublish,
-                       {Key("server", entry.server), RecordKey(entry.ns, entry.id),
-                        Key("seq", entry.ns), Key("events", entry.ns), Key("ids", entry.ns)},
-                       {entry.server, std::to_string(entry.length), std::to_string(entry.seq_begin),
-                        PackTokens(entry.tokens), PackEvent(DirectoryEvent::Kind::kAdded, entry),
-                        TrimStop(), id}));
+      ReplyPtr r,
+      Eval(kPublish,
+           {Key("server", entry.server), RecordKey(entry.ns, entry.id), Key("seq", entry.ns),
+            Key("events", entry.ns), Key("ids", entry.ns), Key("held", entry.server)},
+           {entry.server, std::to_string(entry.length), std::to_string(entry.seq_begin),
+            PackTokens(entry.tokens), PackEvent(DirectoryEvent::Kind::kAdded, entry), TrimStop(),
+            id, entry.ns}));
   if (r->type != REDIS_REPLY_INTEGER) return Fail("unexpected reply to PublishRecord");
   if (r->integer < 0) {
     return FailedPrecondition("PublishRecord: holder '" + entry.server +
@@ -530,9 +557,11 @@ Status RedisDirectory::RemoveRecord(std::string_view ns, uint64_t id, std::strin
   removed.id = id;
   removed.server = std::string(server);
   std::lock_guard<std::mutex> lock(mu_);
-  auto r = Eval(kRemove, {RecordKey(ns, id), Key("seq", ns), Key("events", ns), Key("ids", ns)},
-                {removed.server, PackEvent(DirectoryEvent::Kind::kRemoved, removed), TrimStop(),
-                 std::to_string(id)});
+  auto r = Eval(
+      kRemove,
+      {RecordKey(ns, id), Key("seq", ns), Key("events", ns), Key("ids", ns), Key("held", server)},
+      {removed.server, PackEvent(DirectoryEvent::Kind::kRemoved, removed), TrimStop(),
+       std::to_string(id), removed.ns});
   return r.ok() ? Status::Ok() : r.status();
 }
 

@@ -586,6 +586,39 @@ TEST_F(RedisDirectoryTest, KilledServerIsUnavailableThenRecoversAfterRestart) {
   EXPECT_EQ(*found, Record("ns", 1, "s"));
 }
 
+// A dead holder's record keys do not stay in Redis forever: the first
+// LiveServers after its TTL (or its withdrawal) deletes what it still held,
+// and leaves a record another server republished.
+TEST_F(RedisDirectoryTest, DeadOrWithdrawnHoldersRecordKeysAreReaped) {
+  Directory* dir = dir_.get();
+  ASSERT_TRUE(dir->AnnounceServer(Server("dying"), milliseconds(300)).ok());
+  ASSERT_TRUE(dir->AnnounceServer(Server("leaving"), milliseconds(60000)).ok());
+  ASSERT_TRUE(dir->AnnounceServer(Server("heir"), milliseconds(60000)).ok());
+  for (uint64_t id = 1; id <= 3; ++id)
+    ASSERT_TRUE(dir->PublishRecord(Record("ns", id, "dying")).ok());
+  ASSERT_TRUE(dir->PublishRecord(Record("ns", 4, "leaving")).ok());
+  ASSERT_TRUE(dir->PublishRecord(Record("ns", 3, "heir")).ok());  // taken over
+  const int port = redis_.port();
+  auto exists = [port](const std::string& key) {
+    return RawCommand(port, "EXISTS " + key).starts_with(":1");
+  };
+  ASSERT_TRUE(exists("relaykv:rec:ns:1"));
+  ASSERT_TRUE(exists("relaykv:held:dying"));
+  std::this_thread::sleep_for(milliseconds(450));
+  ASSERT_TRUE(dir->LiveServers().ok());
+  EXPECT_FALSE(exists("relaykv:rec:ns:1"));
+  EXPECT_FALSE(exists("relaykv:rec:ns:2"));
+  EXPECT_FALSE(exists("relaykv:held:dying"));
+  EXPECT_TRUE(exists("relaykv:rec:ns:3"));  // the heir's copy stays
+  ASSERT_TRUE(dir->WithdrawServer("leaving").ok());
+  EXPECT_FALSE(exists("relaykv:rec:ns:4"));
+  auto list = dir->ListRecords("ns");
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].server, "heir");
+  EXPECT_EQ(RawCommand(port, "SCARD relaykv:ids:ns").substr(0, 2), ":1");
+}
+
 TEST_F(RedisDirectoryTest, DatabasesAndKeyPrefixesAreSeparate) {
   ASSERT_TRUE(dir_->AnnounceServer(Server("s"), kTtl).ok());
   ASSERT_TRUE(dir_->PublishRecord(Record("ns", 1, "s")).ok());
