@@ -69,28 +69,49 @@ def _redis_pings(port: int) -> bool:
         return False
 
 
-class _LineReader:
-    """Reads a child's stdout on a thread so waits for a line can time out."""
+class LineReader:
+    """A child's stdout read on a thread, so every wait for a line is bounded and a
+    child that exits early is reported with its last lines."""
 
     def __init__(self, stream: Any):
-        self.lines: queue.Queue[str] = queue.Queue()
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
         threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
 
     def _pump(self, stream: Any) -> None:
         for line in stream:
             self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
 
     def wait_for(self, prefix: str, timeout: float) -> str:
+        """The next line starting with `prefix`."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no line starting with {prefix!r} within {timeout} s")
+                raise TimeoutError(f"no line starting with {prefix!r} within {timeout} s; "
+                                   f"last lines: {self.seen[-10:]}")
             try:
                 line = self.lines.get(timeout=left)
             except queue.Empty:
                 continue
+            if line is None:
+                raise RuntimeError(f"the process exited before printing {prefix!r}; "
+                                   f"last lines: {self.seen[-10:]}")
+            self.seen.append(line)
             if line.startswith(prefix):
+                return line
+
+    def wait_for_text(self, text: str, timeout: float) -> str:
+        """The next line containing `text` anywhere (log lines carry a prefix)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.wait_for("", max(0.001, deadline - time.monotonic()))
+            except TimeoutError:
+                raise TimeoutError(f"no line with {text!r} within {timeout} s; "
+                                   f"last lines: {self.seen[-10:]}") from None
+            if text in line:
                 return line
 
 
@@ -141,7 +162,7 @@ class Cluster:
              "--metrics-listen", "127.0.0.1:0", "--capacity", self.capacity, "--directory",
              self.directory, "--heartbeat-ms", str(self.heartbeat_ms), "--ucx-tls", self.ucx_tls],
             stdout=subprocess.PIPE, text=True, env=env)
-        line = _LineReader(self.store.stdout).wait_for("relaykv-store ready", 30)
+        line = LineReader(self.store.stdout).wait_for("relaykv-store ready", 30)
         self.store_info = dict(re.findall(r"(\w+)=(\S+)", line))
 
     def stop_store(self, *, kill: bool = False) -> None:

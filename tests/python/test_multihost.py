@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from relaykv.distributed import LineReader
 
 pytestmark = [pytest.mark.netns, pytest.mark.ucx, pytest.mark.redis, pytest.mark.slow]
 
@@ -129,50 +129,6 @@ class Topology:
 
 # -- processes ---------------------------------------------------------------------------------
 
-class _Lines:
-    """A child's stdout read on a thread, so every wait for a line is bounded."""
-
-    def __init__(self, stream) -> None:
-        self.q: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            self.q.put(line.rstrip("\n"))
-        self.q.put(None)
-
-    def wait_for(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no line starting with {prefix!r} within {timeout} s; "
-                                   f"last lines: {self.seen[-10:]}")
-            try:
-                line = self.q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"the process exited before printing {prefix!r}; "
-                                   f"last lines: {self.seen[-10:]}")
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line
-
-    def wait_for_text(self, text: str, timeout: float) -> str:
-        """Like wait_for, for a line containing `text` anywhere (log lines carry a prefix)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.wait_for("", max(0.001, deadline - time.monotonic()))
-            except TimeoutError:
-                raise TimeoutError(f"no line with {text!r} within {timeout} s; "
-                                   f"last lines: {self.seen[-10:]}") from None
-            if text in line:
-                return line
-
-
 class Procs:
     """Every child started in a namespace; kill_all() ends them (teardown)."""
 
@@ -193,7 +149,7 @@ class Procs:
                              stdout=subprocess.PIPE, stderr=self.logs[-1],
                              text=True, env={**self.env, **(env or {})})
         self.children.append(p)
-        return p, _Lines(p.stdout)
+        return p, LineReader(p.stdout)
 
     def kill_all(self) -> None:
         for p in self.children:

@@ -24,24 +24,15 @@ pytestmark = [pytest.mark.vllm, pytest.mark.ucx, pytest.mark.redis, pytest.mark.
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / "python_shim"
 
-# One script, two roles. The tiny random Llama matches tests/python/test_vllm_worker.py's E2E_SCRIPT.
+# One script, two roles; the model is relaykv.model.tiny.save_vllm_tiny_llama's.
 ENGINE_SCRIPT = r'''
 import json, sys, time
 import torch
 args = json.loads(sys.argv[1])
 mdir, role = args["model"], args["role"]
 if role == "produce":
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      rope_theta=10000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" not in n:
-                p.normal_(0, 1.5 / p.shape[-1] ** 0.5)
-    m.save_pretrained(mdir)
+    from relaykv.model.tiny import save_vllm_tiny_llama
+    save_vllm_tiny_llama(mdir)
 from prometheus_client import REGISTRY
 from vllm import LLM, SamplingParams
 from vllm.config import KVTransferConfig

