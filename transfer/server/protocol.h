@@ -35,7 +35,9 @@ enum class Op : uint8_t {
   kReserve = 2,  // str ns, u64 id, u64 size, u32 ttl_ms (0: server default)
                  //   → u64 handle, u32 segment, u64 offset
                  //   AlreadyExists: an identical record is already stored
-  kSeal = 3,     // u64 handle → (nothing). The server verifies the record first.
+  kSeal = 3,     // u64 handle → (nothing). The server verifies the record first and
+                 //   answers once the directory lists it (Unavailable: stored, but
+                 //   the directory is unreachable; it is listed when it is back).
   kAbort = 4,    // u64 handle → (nothing)
   kLease = 5,    // str ns, u64 id → u64 lease, u32 segment, u64 offset, u64 size
   kRelease = 6,  // u64 lease → (nothing)

@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -140,7 +141,11 @@ struct PendingWrite {
 
 struct Conn {
   UniqueFd fd;
+  uint64_t serial = 0;  // fds are reused; completions find their connection by this
   bool http = false;
+  // A seal waits for the directory to list the record before it is answered;
+  // the connection's later requests wait behind it, so replies stay in order.
+  bool awaiting_publish = false;
   bool authed = false;
   bool closing = false;  // close once `out` is flushed
   std::string client;
@@ -153,6 +158,12 @@ struct Conn {
 struct DirOp {
   enum class Kind { kPublish, kRemove } kind;
   RecordEntry entry;
+  uint64_t reply_to = 0;  // connection serial waiting on this publish; 0: none
+};
+
+struct SealCompletion {
+  uint64_t conn = 0;
+  Status status;
 };
 
 }  // namespace
@@ -169,6 +180,7 @@ struct StoreServer::Impl {
   UniqueFd listen_fd, metrics_fd, wake_fd;
   std::map<int, Conn> conns;
   uint64_t next_handle = 1;
+  uint64_t next_serial = 1;
   std::thread loop_thread, dir_thread;
   std::atomic<bool> stop{false};
   bool started = false, shut_down = false;
@@ -182,6 +194,9 @@ struct StoreServer::Impl {
   std::mutex dir_mu;
   std::condition_variable dir_cv;
   std::deque<DirOp> dir_ops;
+  // Publish outcomes for waiting seals, handed back to the event loop.
+  std::mutex done_mu;
+  std::vector<SealCompletion> done;
 
   // Metrics (counters the store does not keep itself).
   std::atomic<uint64_t> auth_failures{0}, bytes_written{0}, bytes_read{0};
@@ -195,6 +210,18 @@ struct StoreServer::Impl {
     }
     dir_cv.notify_one();
   }
+
+  // Directory thread → event loop: answer the seal waiting on connection `conn`.
+  void CompleteSeal(uint64_t conn, Status status) {
+    if (conn == 0) return;
+    {
+      std::lock_guard<std::mutex> lock(done_mu);
+      done.push_back({conn, std::move(status)});
+    }
+    const uint64_t one = 1;
+    (void)!::write(wake_fd.get(), &one, sizeof(one));
+  }
+  void DeliverCompletions();
 
   // Whether the sealed record under `internal` is (ns, id): a hash collision
   // of two names must read as absent, never as the other record.
@@ -221,6 +248,7 @@ struct StoreServer::Impl {
   void Loop();
   void Accept(int lfd, bool http);
   void OnReadable(Conn& c);
+  void ProcessInput(Conn& c);
   void Flush(Conn& c);
   void HandleFrame(Conn& c, std::string_view body);
   void HandleHttp(Conn& c);
@@ -359,6 +387,11 @@ void StoreServer::Impl::Loop() {
     const int n = ::poll(fds.data(), fds.size(), timeout_ms);
     if (n < 0 && errno != EINTR) break;
     if (n > 0) {
+      if (fds[0].revents & POLLIN) {
+        uint64_t count;
+        (void)!::read(wake_fd.get(), &count, sizeof(count));
+        DeliverCompletions();
+      }
       if (fds[1].revents & POLLIN) Accept(listen_fd.get(), false);
       if (fds[2].revents & POLLIN) Accept(metrics_fd.get(), true);
       for (size_t i = 0; i < conn_fds.size(); ++i) {
@@ -383,6 +416,29 @@ void StoreServer::Impl::Loop() {
   }
 }
 
+void StoreServer::Impl::DeliverCompletions() {
+  std::vector<SealCompletion> ready;
+  {
+    std::lock_guard<std::mutex> lock(done_mu);
+    ready.swap(done);
+  }
+  for (SealCompletion& d : ready) {
+    // A connection that closed meanwhile has nobody to tell; the record stays.
+    auto it = std::find_if(conns.begin(), conns.end(),
+                           [&](const auto& kv) { return kv.second.serial == d.conn; });
+    if (it == conns.end()) continue;
+    Conn& c = it->second;
+    c.awaiting_publish = false;
+    c.out += d.status.ok() ? wire::OkReply().Frame() : wire::ErrorReply(d.status);
+    ProcessInput(c);  // requests that queued up behind the seal
+    Flush(c);
+    if (c.fd.get() < 0 || (c.closing && c.out.empty())) {
+      --clients;
+      conns.erase(it);
+    }
+  }
+}
+
 void StoreServer::Impl::Accept(int lfd, bool http) {
   for (;;) {
     const int fd = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
@@ -391,6 +447,7 @@ void StoreServer::Impl::Accept(int lfd, bool http) {
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     Conn& c = conns[fd];
     c.fd = UniqueFd(fd);
+    c.serial = next_serial++;
     c.http = http;
     if (!http) ++clients;
   }
@@ -414,7 +471,11 @@ void StoreServer::Impl::OnReadable(Conn& c) {
     HandleHttp(c);
     return;
   }
-  while (!c.closing && c.in.size() >= sizeof(uint32_t)) {
+  ProcessInput(c);
+}
+
+void StoreServer::Impl::ProcessInput(Conn& c) {
+  while (!c.closing && !c.awaiting_publish && c.in.size() >= sizeof(uint32_t)) {
     uint32_t len;
     std::memcpy(&len, c.in.data(), sizeof(len));
     if (len > wire::kMaxFrameBytes) {
@@ -541,8 +602,11 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
         return wire::ErrorReply(s);
       }
       bytes_written += bytes;
-      EnqueueDir({DirOp::Kind::kPublish, std::move(entry)});
-      return wire::OkReply().Frame();
+      // Answered once the directory lists the record (DeliverCompletions): a
+      // writer that got OK can tell any reader to look it up.
+      c.awaiting_publish = true;
+      EnqueueDir({DirOp::Kind::kPublish, std::move(entry), c.serial});
+      return std::string();
     }
     case Op::kAbort: {
       const uint64_t h = r.U64();
@@ -736,8 +800,17 @@ void StoreServer::Impl::DirectoryLoop() {
         while (!retry.empty()) ops.push_front(std::move(retry.back())), retry.pop_back();
       }
     }
+    // A seal whose record the directory cannot list yet is answered
+    // Unavailable: the record stays and is published once the directory is
+    // back, but its writer must not announce it as readable now.
+    auto not_listed = [](const Status& why) {
+      return Unavailable(std::string("record stored but the directory cannot list it yet (") +
+                         std::string(why.message()) +
+                         "); it is published when the directory is back");
+    };
     for (DirOp& op : ops) {
       if (!directory_up) {
+        CompleteSeal(std::exchange(op.reply_to, 0), not_listed(Unavailable("directory down")));
         retry.push_back(std::move(op));
         continue;
       }
@@ -749,9 +822,12 @@ void StoreServer::Impl::DirectoryLoop() {
         if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) {
           directory_up = false;
           need_republish = true;
+          CompleteSeal(std::exchange(op.reply_to, 0), not_listed(s));
           retry.push_back(std::move(op));
+          continue;
         }
       }
+      CompleteSeal(op.reply_to, s);
     }
   }
   // Graceful exit: readers stop being sent here at once rather than after the TTL.

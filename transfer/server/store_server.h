@@ -7,7 +7,9 @@
 // One event-loop thread serves the control sockets, the metrics endpoint and
 // the transport's progress (it sleeps in poll() on the sockets and the
 // transport's wakeup fd). A second thread talks to the directory, so a slow
-// or dead directory never stalls transfers: it announces the server with a
+// or dead directory never stalls transfers (a seal's answer waits for its
+// record to be listed, so a writer that got OK can send readers to it; only
+// that connection waits): it announces the server with a
 // TTL and re-announces every heartbeat, publishes sealed records and removes
 // evicted, expired or deleted ones. When the directory comes back after an
 // outage (a restarted Redis has lost everything), the next successful

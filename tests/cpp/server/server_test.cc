@@ -432,6 +432,58 @@ TEST_F(RedisStoreTest, PutAndGetThroughTheDirectory) {
   EXPECT_EQ(holders.size(), 2u);
 }
 
+TEST_F(RedisStoreTest, APutIsListedWhenItReturns) {
+  // A writer that got OK may at once send a reader on another machine to the
+  // record: no waiting for the server's directory thread to catch up.
+  StoreProcess a;
+  ASSERT_TRUE(a.Start({}, redis_.url()));
+  auto writer = Open();
+  auto reader = Open();
+  ASSERT_TRUE(Eventually([&] {
+    auto live = writer->directory().LiveServers();
+    return live.ok() && live->size() == 1;
+  }));
+  const RecordMeta meta = Meta();
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(writer->Put(Ns(meta), 500 + i, MakeRecord(meta, 30, i).bytes()).ok());
+    auto e = reader->directory().FindRecord(Ns(meta), 500 + i);
+    ASSERT_TRUE(e.ok() && e->has_value()) << "record " << i << " not listed on return";
+    RecordBuffer got;
+    ASSERT_TRUE(reader->Get(Ns(meta), 500 + i, &got).ok());
+  }
+}
+
+TEST_F(RedisStoreTest, SealDuringDirectoryOutageIsUnavailableThenListedOnRecovery) {
+  StoreProcess a;
+  ASSERT_TRUE(a.Start({}, redis_.url()));
+  auto store = Open();
+  ASSERT_TRUE(Eventually([&] {
+    auto live = store->directory().LiveServers();
+    return live.ok() && live->size() == 1;
+  }));
+  // A client on the server itself: it needs no directory to reach it.
+  auto client = StoreClient::Connect(a.control(), ClientOptions());
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  const int port = redis_.port();
+  redis_.Kill();
+  const RecordMeta meta = Meta();
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = (*client)->Put(Ns(meta), 77, MakeRecord(meta, 40, 3).bytes());
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+  EXPECT_NE(s.message().find("directory"), std::string::npos) << s.ToString();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 3s);
+  // The record was stored; once Redis is back the server lists it.
+  ASSERT_TRUE(redis_.Start(port));
+  EXPECT_TRUE(Eventually(
+      [&] {
+        auto e = store->directory().FindRecord(Ns(meta), 77);
+        return e.ok() && e->has_value();
+      },
+      10s));
+  RecordBuffer got;
+  EXPECT_TRUE(store->Get(Ns(meta), 77, &got).ok());
+}
+
 TEST_F(RedisStoreTest, DeadServersRecordsVanishAfterItsHeartbeat) {
   StoreProcess a;
   ASSERT_TRUE(a.Start({}, redis_.url()));
