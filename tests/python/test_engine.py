@@ -21,6 +21,7 @@ from relaykv.engine import (
     StrategyInput,
     block_hashes,
 )
+from relaykv.engine.relay_connector import exact_runs
 from relaykv.model.executor import Executor, greedy_generate
 from relaykv.model.tiny import tiny_model
 from relaykv.relay_chain import model_fingerprint
@@ -319,6 +320,37 @@ def test_relay_connector_claims_and_imports_a_previous_agents_output(executor):
     plain = engine(executor)
     plain.generate([prompt], SamplingParams(max_tokens=1))
     assert len(plain.blocks.get_computed_blocks(prompt + [3])) == len(prompt) // 8
+
+
+def test_exact_runs_leave_out_imported_ranges_and_short_runs():
+    assert exact_runs(100, [], 16) == [(0, 100)]
+    assert exact_runs(100, [(20, 52)], 16) == [(0, 20), (52, 100)]
+    assert exact_runs(65, [(20, 52)], 16) == [(0, 20)]  # 13 tokens after the span: too short
+    assert exact_runs(100, [(40, 60), (10, 30)], 16) == [(60, 100)]  # unsorted; 10- and 10-token runs drop
+    assert exact_runs(100, [(0, 30), (25, 50), (70, 100)], 16) == [(50, 70)]  # overlapping ranges merge
+    assert exact_runs(50, [(0, 50)], 1) == []
+    assert exact_runs(10, [], 16) == []
+
+
+def test_a_request_that_imported_exports_only_what_it_computed(executor):
+    relay = make_relay(executor)
+    _, a_out = agent_a(executor, relay)
+    a_record = {s.record_id for s in relay.lookup(a_out[:32])}
+    assert len(a_record) == 1
+    prompt = b_prompt(a_out)
+    eng_b = engine(executor, relay)
+    out = eng_b.generate([prompt], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    m = eng_b.worker_connector.metrics
+    # B's prefix [0, 20) and its own tail [52, 77): two records; the imported [20, 52) stays out.
+    assert m["imported_tokens"] == 32
+    assert m["exports"] == 2 and m["exported_tokens"] == 20 + (len(prompt) + 20 - 1 - 52)
+    # A later agent quoting A's text still gets A's decoding KV, not B's re-rotated copy of it.
+    c_prompt = rand_ids(11, seed=300) + a_out[:32] + out.output_token_ids[:19]
+    spans = relay.lookup(c_prompt)
+    quoted_a = [s for s in spans if s.dst_offset < 43]  # A's text sits at [11, 43) in C's prompt
+    assert quoted_a and all(s.record_id in a_record for s in quoted_a)
+    # B's own answer is found in B's tail record.
+    assert any(s.record_id not in a_record and s.dst_offset >= 43 for s in spans)
 
 
 def test_relay_connector_falls_back_to_computing_when_the_record_is_gone(executor):

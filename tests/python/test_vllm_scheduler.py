@@ -127,6 +127,29 @@ def test_stored_span_is_claimed_allocated_and_listed(vllm_config: VllmConfig) ->
     assert sched.connector.build_connector_meta(out).loads == []  # type: ignore[union-attr]
 
 
+def test_a_request_that_imported_exports_only_its_own_runs(vllm_config: VllmConfig) -> None:
+    sched = make_scheduler(vllm_config)
+    conn = relay_connector(sched)
+    answer = list(range(100, 140))
+    export_answer(conn.relay, answer, 10)
+    prompt = list(range(500, 523)) + answer + [7, 8, 9]  # the answer is imported at [23, 63)
+    sched.add_request(make_request("quote", prompt))
+    out = sched.schedule()
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 63
+    req = sched.requests["quote"]
+    req.append_output_token_ids(list(range(900, 930)))  # as if it had decoded 30 tokens
+    req.num_computed_tokens = len(prompt) + 29  # the last sampled token is never fed back
+    blocks = list(sched.kv_cache_manager.get_blocks("quote").get_block_ids()[0])
+    blocks += [0] * (math.ceil(req.num_computed_tokens / BLOCK) - len(blocks))
+    delay, _ = conn.request_finished(req, blocks)
+    assert delay
+    (save,) = conn.build_connector_meta(out).saves
+    # Its own prefix [0, 23) and what it computed after the span [63, 95); the import stays out.
+    n = len(save.token_ids)  # what is in the blocks (vLLM may count tokens still in flight)
+    assert n >= 63 + 16 and save.token_ids == (prompt + list(range(900, 930)))[:n]
+    assert save.runs == [(0, 23), (63, n)]
+
+
 def test_nothing_stored_gets_zero(vllm_config: VllmConfig) -> None:
     sched = make_scheduler(vllm_config)
     prompt = list(range(200, 260))

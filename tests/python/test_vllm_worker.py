@@ -303,6 +303,31 @@ def test_export_then_import_at_another_position(base_config: VllmConfig, hf_mode
     assert b.get_kv_connector_stats() is None  # reset after each report
 
 
+@pytest.mark.parametrize("layout", ["cpu-LBHNC", "flash-LBHNC"])  # staged (K, V orders differ) and direct
+def test_export_runs_are_separate_records_at_their_positions(base_config: VllmConfig, hf_model: Any,
+                                                             layout: str) -> None:
+    a = make_worker(base_config, layout)
+    b = make_worker(base_config, layout)
+    seq_a = SYS_A + ANSWER  # 60 tokens in 4 blocks
+    prefill_into(a, hf_model, seq_a, TABLE_A)
+    # What request_finished asks for when [16, 36) was imported: the runs around it.
+    a.bind_connector_metadata(RelayKVConnectorMetadata(saves=[RelaySave("a", seq_a, TABLE_A, [(0, 16), (36, 60)])]))
+    a.start_load_kv(None)  # type: ignore[arg-type]
+    a.wait_for_save()
+    assert a.get_finished({"a"}) == ({"a"}, None)
+    a.clear_connector_metadata()
+    spans = a.relay.lookup(seq_a)
+    assert sorted((s.dst_offset, s.length) for s in spans) == [(0, 16), (36, 24)]
+    assert len({s.record_id for s in spans}) == 2
+    # The second run imported at its own positions is the exporter's KV bit for bit.
+    (tail,) = [s for s in spans if s.dst_offset == 36]
+    load = RelayLoad("b", seq_a, TABLE_B[:4], 36, 60, [tail])
+    assert load_through(b, load) == set()
+    k_a, v_a = gather(a, TABLE_A, list(range(36, 60)))
+    k_b, v_b = gather(b, TABLE_B[:4], list(range(36, 60)))
+    assert torch.equal(k_b, k_a) and torch.equal(v_b, v_a)
+
+
 @pytest.mark.ucx
 @pytest.mark.redis
 def test_export_then_import_through_a_store_server(base_config: VllmConfig, hf_model: Any, tmp_path: Any) -> None:

@@ -5,7 +5,9 @@ connector claims the contiguous range from the first uncomputed token to the end
 of the last usable span (always leaving the last prompt token to compute), since
 a connector can only extend the computed prefix. When a request finishes, its
 prompt and generated tokens' KV is exported before its blocks are freed
-(delay_free until the worker reports the save done).
+(delay_free until the worker reports the save done), except the positions it
+imported: relay KV is approximate, and its producer's own record is the better
+source for that text (see exact_runs).
 
 Worker side, in start_load_kv: the spans are imported into the request's blocks
 (K re-rotated to the new positions), a strategy picks imported tokens to
@@ -74,6 +76,8 @@ class SaveSpec:
     request_id: str
     token_ids: list[int]  # tokens whose KV is in the blocks, from position 0
     block_ids: list[int]
+    # [begin, end) position runs to export, one record each (exact_runs); None: all of token_ids.
+    runs: list[tuple[int, int]] | None = None
 
 
 @dataclasses.dataclass
@@ -91,6 +95,27 @@ def usable_spans(spans: Sequence[core.Span], num_computed: int, limit: int) -> l
         if hi > lo:
             out.append(core.Span(s.record_id, s.src_offset + lo - s.dst_offset, lo, hi - lo))
     return out
+
+
+def exact_runs(num_tokens: int, imported: Sequence[tuple[int, int]], min_tokens: int) -> list[tuple[int, int]]:
+    """The position runs of [0, num_tokens) outside every imported [begin, end) range that
+    are at least min_tokens long: what a finished request exports.
+
+    Imported KV was re-rotated and at most partly rectified. Exporting it again would
+    publish a second, approximate copy of text whose producer already exported its own
+    decoding KV, and a later lookup could pick the copy; so it stays out, as do runs too
+    short to be found by the span index. Tokens computed after an import are kept: they
+    are this request's own KV, computed the way its producer's decoding KV always is."""
+    runs, at = [], 0
+    for lo, hi in sorted(imported):
+        if lo > at and lo - at >= min_tokens:
+            runs.append((at, min(lo, num_tokens)))
+        at = max(at, hi)
+        if at >= num_tokens:
+            break
+    if num_tokens - at >= min_tokens:
+        runs.append((at, num_tokens))
+    return [(lo, hi) for lo, hi in runs if hi - lo >= min_tokens]
 
 
 class RelayConnector(KVConnectorBase):
@@ -111,6 +136,7 @@ class RelayConnector(KVConnectorBase):
         self._claims: dict[str, tuple[int, int, list[core.Span]]] = {}
         self._pending_loads: list[LoadSpec] = []
         self._pending_saves: list[SaveSpec] = []
+        self._imported: dict[str, list[tuple[int, int]]] = {}  # request → span ranges it imported
         # worker side
         self._paged: core.PagedCache | None = None
         self._saved: set[str] = set()
@@ -142,6 +168,8 @@ class RelayConnector(KVConnectorBase):
         assert end - start == num_external_tokens, "the engine allocated a different claim"
         # Counted here, not at lookup: a request the pool cannot take yet is looked up again.
         self.metrics["claimed_tokens"] += num_external_tokens
+        self._imported.setdefault(request.request_id, []).extend(
+            (s.dst_offset, s.dst_offset + s.length) for s in spans)
         self._pending_loads.append(LoadSpec(request.request_id, request.all_token_ids, list(blocks), start, end, spans))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> RelayConnectorMetadata:
@@ -151,11 +179,13 @@ class RelayConnector(KVConnectorBase):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._claims.pop(request.request_id, None)
+        imported = self._imported.pop(request.request_id, [])
         # The last sampled token was never fed back: its KV is not in the cache.
         tokens = request.all_token_ids[: request.num_computed_tokens]
-        if not self.export_on_finish or len(tokens) < self.min_export_tokens:
+        runs = exact_runs(len(tokens), imported, self.min_export_tokens)
+        if not self.export_on_finish or not runs:
             return False, None
-        self._pending_saves.append(SaveSpec(request.request_id, tokens, list(block_ids)))
+        self._pending_saves.append(SaveSpec(request.request_id, tokens, list(block_ids), runs))
         return True, None  # blocks stay until the worker reports the export done
 
     # -- worker side ---------------------------------------------------------------------
@@ -209,12 +239,13 @@ class RelayConnector(KVConnectorBase):
         meta = self._get_connector_metadata()
         assert isinstance(meta, RelayConnectorMetadata)
         for save in meta.saves:
-            try:
-                self.relay.export(self._paged, save.block_ids, save.token_ids, 0)
-                self.metrics["exports"] += 1
-                self.metrics["exported_tokens"] += len(save.token_ids)
-            except core.RelayKVError:
-                self.metrics["export_failures"] += 1
+            for lo, hi in [(0, len(save.token_ids))] if save.runs is None else save.runs:
+                try:
+                    self.relay.export(self._paged, save.block_ids, save.token_ids[lo:hi], lo)
+                    self.metrics["exports"] += 1
+                    self.metrics["exported_tokens"] += hi - lo
+                except core.RelayKVError:
+                    self.metrics["export_failures"] += 1
             self._saved.add(save.request_id)  # done either way: the blocks can go
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -227,6 +258,7 @@ __all__ = [
     "RelayConnector",
     "RelayConnectorMetadata",
     "SaveSpec",
+    "exact_runs",
     "Strategy",
     "StrategyInput",
     "naive_strategy",

@@ -5,7 +5,9 @@ Scheduler side. The claim logic is the reference engine's
 computed prefix, so the claim runs from num_computed_tokens to the end of the
 last usable span, gaps included. When a request finishes with at least
 min_span_tokens tokens in its cache, request_finished delays the block free and
-the next step's metadata asks the worker to export those blocks.
+the next step's metadata asks the worker to export those blocks, except the
+positions the request imported (relaykv.engine.relay_connector.exact_runs: relay
+KV is approximate and its producer exported that text already).
 
 Worker side (start_load_kv, before the forward), per claimed request: import the
 spans into the request's blocks (scatter + K re-rotation, KvRelay.import_span),
@@ -32,8 +34,10 @@ Prefix cache: vLLM 0.32 has no per-connector "approximate KV" flag. After a
 synchronous external load, Scheduler.schedule passes delay_cache_blocks=False to
 KVCacheManager.allocate_slots, so blocks filled by this connector are registered
 in vLLM's prefix cache under the prompt's token hashes as if a full prefill had
-computed them. Relay KV is approximate (rotated, partly rectified), so exact-prefix
-reuse of those blocks is only as good as the rectification; see the report in issue 7.
+computed them. Relay KV is approximate (rotated, partly rectified), so a later
+exact-prefix hit on those blocks reuses the KV this request was served with, not
+what a full prefill would give; deployments that need exact prefix hits only can
+run vLLM with --no-enable-prefix-caching on relay consumers.
 
 CPU note: vLLM's CPU attention ("vec" ISA) keeps K and V in different orders
 inside a page; core.PagedCache takes one set of strides, so there spans are staged
@@ -63,7 +67,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from relaykv import _relaykv as core
-from relaykv.engine.relay_connector import usable_spans
+from relaykv.engine.relay_connector import exact_runs, usable_spans
 from relaykv.vllm import model as model_access
 from relaykv.vllm.layout import UnsupportedKvLayoutError, layer_kv_views
 from relaykv.vllm.metrics import RelayKVConnectorStats, RelayKVPromMetrics, connector_metrics
@@ -173,6 +177,8 @@ class RelaySave:
     request_id: str
     token_ids: list[int]
     block_ids: list[int]
+    # [begin, end) position runs to export, one record each (exact_runs); None: all of token_ids.
+    runs: list[tuple[int, int]] | None = None
 
 
 @dataclasses.dataclass
@@ -244,6 +250,7 @@ class RelayKVConnector(KVConnectorBase_V1):
         self._pending_loads: list[RelayLoad] = []
         self._pending_saves: list[RelaySave] = []
         self._exports_in_flight: set[str] = set()
+        self._imported: dict[str, list[tuple[int, int]]] = {}  # request → span ranges it imported
         # worker side
         self._paged: RelayCache | None = None
         self._kv_cache: Any = None  # relaykv.model.executor.KvCache over the same views
@@ -325,6 +332,8 @@ class RelayKVConnector(KVConnectorBase_V1):
                                f"{request.request_id}, the claim was {end - start}")
         # Counted here, not at lookup: a request the pool cannot take yet is looked up again.
         self.metrics.hit_tokens.inc(num_external_tokens)
+        self._imported.setdefault(request.request_id, []).extend(
+            (s.dst_offset, s.dst_offset + s.length) for s in spans)
         # Full-attention models have one KV cache group; its block ids hold every position.
         block_ids = list(blocks.get_block_ids()[0])
         self._pending_loads.append(RelayLoad(request.request_id, list(request.prompt_token_ids or []),
@@ -337,14 +346,16 @@ class RelayKVConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._claims.pop(request.request_id, None)
+        imported = self._imported.pop(request.request_id, [])
         # Tokens whose KV is in the blocks: the last sampled token was never fed back, and with async
         # scheduling a step may still be in flight.
         in_flight = getattr(request, "num_in_flight_tokens", 0) or 0
         n = min(request.num_computed_tokens - in_flight, len(block_ids) * self._block_size)
-        if n < self.config.min_span_tokens:
+        runs = exact_runs(n, imported, self.config.min_span_tokens)
+        if not runs:
             return False, None
         tokens = list(request.all_token_ids[:n])
-        self._pending_saves.append(RelaySave(request.request_id, tokens, list(block_ids)))
+        self._pending_saves.append(RelaySave(request.request_id, tokens, list(block_ids), runs))
         self._exports_in_flight.add(request.request_id)
         # The blocks stay until the worker's get_finished lists the request (export done or failed).
         return True, {"relaykv": {"export_tokens": n}}
@@ -566,20 +577,22 @@ class RelayKVConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, RelayKVConnectorMetadata)
         for save in meta.saves:
-            t0 = time.perf_counter()
-            try:
-                if self._paged is None:
-                    raise RuntimeError("register_kv_caches was not called")
-                res = self._paged.export(self.relay, save.block_ids, save.token_ids)
-                self.metrics.exports.inc()
-                self.metrics.bytes.labels(direction="export").inc(res["bytes"])
-                self.metrics.export_seconds.observe(time.perf_counter() - t0)
-                self._stats.add("exports")
-                self._stats.add("export_bytes", res["bytes"])
-            except Exception as exc:  # noqa: BLE001 - a failed export is a future miss; the blocks still go
-                self.metrics.export_failures.inc()
-                self._stats.add("export_failures")
-                logger.warning("relaykv: export of request %s failed: %s", save.request_id, exc)
+            for lo, hi in [(0, len(save.token_ids))] if save.runs is None else save.runs:
+                t0 = time.perf_counter()
+                try:
+                    if self._paged is None:
+                        raise RuntimeError("register_kv_caches was not called")
+                    res = self._paged.export(self.relay, save.block_ids, save.token_ids[lo:hi], lo)
+                    self.metrics.exports.inc()
+                    self.metrics.bytes.labels(direction="export").inc(res["bytes"])
+                    self.metrics.export_seconds.observe(time.perf_counter() - t0)
+                    self._stats.add("exports")
+                    self._stats.add("export_bytes", res["bytes"])
+                except Exception as exc:  # noqa: BLE001 - a failed export is a future miss; the blocks still go
+                    self.metrics.export_failures.inc()
+                    self._stats.add("export_failures")
+                    logger.warning("relaykv: export of request %s [%d, %d) failed: %s", save.request_id, lo, hi,
+                                   exc)
             self._saved.add(save.request_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -624,15 +637,24 @@ class RelayCache:
             v[blocks, slots] = buf[layer, 1, rows, slots]
         return res
 
-    def export(self, relay: Any, block_ids: list[int], tokens: list[int]) -> dict:
+    def export(self, relay: Any, block_ids: list[int], tokens: list[int], seq_begin: int = 0) -> dict:
+        """Exports `tokens`, at positions seq_begin.. of the request in block_ids."""
         if self.paged is not None:
-            return relay.export(self.paged, block_ids, tokens, 0)
-        buf, staged = self._staging(len(block_ids))
-        blocks = torch.as_tensor(block_ids)
+            return relay.export(self.paged, block_ids, tokens, seq_begin)
+        # Only the blocks the run touches are staged.
+        first = seq_begin // self.block_size
+        last = (seq_begin + len(tokens) - 1) // self.block_size
+        if seq_begin < 0 or last >= len(block_ids):
+            raise ValueError(f"export of positions [{seq_begin}, {seq_begin + len(tokens)}): the block table "
+                             f"holds {len(block_ids)} blocks of {self.block_size}")
+        buf, staged = self._staging(last - first + 1)
+        blocks = torch.as_tensor(block_ids[first:last + 1])
         for layer, (k, v) in enumerate(self.views):
             buf[layer, 0] = k[blocks]
             buf[layer, 1] = v[blocks]
-        return relay.export(staged, list(range(len(block_ids))), tokens, 0)
+        # The staging table maps the run's blocks to 0..; the entries before them are never read.
+        table = [0] * first + list(range(last - first + 1))
+        return relay.export(staged, table, tokens, seq_begin)
 
 
 class _RunnerInstance:

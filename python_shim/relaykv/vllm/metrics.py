@@ -76,7 +76,9 @@ def connector_metrics() -> ConnectorMetrics:
                 import_failures=_counter("relaykv_connector_import_failures_total",
                                          "Claims that could not be materialized; their blocks are recomputed.",
                                          ("reason",)),
-                exports=_counter("relaykv_connector_exports_total", "Finished requests exported to the store."),
+                exports=_counter("relaykv_connector_exports_total",
+                                 "Records exported to the store (one per run of positions a finished "
+                                 "request computed itself)."),
                 export_failures=_counter("relaykv_connector_export_failures_total",
                                          "Exports that failed (the blocks are freed anyway)."),
                 bytes=_counter("relaykv_connector_bytes_total", "KV bytes moved through the relay.",
