@@ -76,11 +76,12 @@ def bench_strategies(profile: dict[str, Any], budgets: Sequence[float], epic_k: 
     return out
 
 
-def _flatten(task: int, kind: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+def _flatten(task: int, kind: str, row: dict[str, Any], shape: str = "chain") -> list[dict[str, Any]]:
     """One JSON line per (task, agent, strategy), every measure by its design name."""
     lines = []
     for label, ms in row["ttft_ms"].items():
-        line = {"bench": "relay", "task": task, "kind": kind, "agent": row["agent"], "name": row["name"],
+        line = {"bench": "relay", "shape": shape, "task": task, "kind": kind, "agent": row["agent"],
+                "name": row["name"],
                 "prompt_tokens": row["prompt_tokens"], "strategy": label, "ttft_ms": ms}
         if label == "full":
             line.update(speedup=1.0, reuse_rate=0.0, recompute_ratio=1.0, top1_agree=1.0, kl=0.0,
@@ -153,7 +154,7 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from relaykv.relay_chain import TASKS, run_chain, warm_up
+    from relaykv.relay_chain import TASKS, run_chain, run_fully_connected, warm_up
 
     console = _console()
     with console.status("loading SmolLM2-135M-Instruct"):
@@ -172,23 +173,33 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
                   f"{profile['end_layer']}], det {profile['det_layer']}; strategies: "
                   + ", ".join(s.label() for s in strategies))
     tasks = (TASKS * (1 + args.tasks // len(TASKS)))[: args.tasks]
+    fully = args.shape == "fully-connected"
+    max_new = args.max_new_tokens or (512 if fully else 256)
+    rows_per_task = args.agents * (2 if fully else 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines: list[dict[str, Any]] = []
     with open(out, "w") as f, Progress(console=console) as progress:
-        bar = progress.add_task("relay chain", total=len(tasks) * args.agents)
+        bar = progress.add_task(args.shape, total=len(tasks) * rows_per_task)
         for t, (kind, task) in enumerate(tasks):
             def on_agent(row: dict[str, Any], t: int = t, kind: str = kind) -> None:
-                for line in _flatten(t, kind, row):
+                for line in _flatten(t, kind, row, args.shape):
                     f.write(json.dumps(line) + "\n")
                     lines.append(line)
                 f.flush()
                 progress.advance(bar)
-                progress.update(bar, description=f"task {t + 1}/{len(tasks)} agent {row['agent'] + 1}")
-            run_chain(inst, task, num_agents=args.agents, max_new_tokens=args.max_new_tokens,
-                      strategies=strategies, repeats=args.repeats, on_agent=on_agent)
+                progress.update(bar, description=f"task {t + 1}/{len(tasks)} {row['name']}")
+            if fully:
+                run_fully_connected(inst, task, num_agents=args.agents, prefix_tokens=args.prefix_tokens,
+                                    input_tokens=args.input_tokens, max_new_tokens=max_new,
+                                    strategies=strategies, repeats=args.repeats, on_agent=on_agent)
+            else:
+                run_chain(inst, task, num_agents=args.agents, max_new_tokens=max_new,
+                          strategies=strategies, repeats=args.repeats, on_agent=on_agent)
     summary = summarise(lines)
-    table = Table(title=f"relay benchmark: {len(tasks)} tasks × {args.agents} agents (mean per agent)")
+    what = "agent rows (round 1: 1..N, round 2: N+1..2N)" if fully else "agents"
+    table = Table(title=f"relay benchmark, {args.shape}: {len(tasks)} tasks × {rows_per_task} {what} "
+                        "(mean per row)")
     for col in ("strategy", "agent", "prompt tok", "ttft ms", "speedup", "reuse", "recompute", "top1",
                 "KL", "greedy"):
         table.add_column(col, justify="right")
@@ -209,7 +220,13 @@ def add_bench_parser(sub: Any) -> None:
     relay = which.add_parser("relay", help="relay chain: every strategy vs full prefill, per agent")
     relay.add_argument("--tasks", type=int, default=20)
     relay.add_argument("--agents", type=int, default=5)
-    relay.add_argument("--max-new-tokens", type=int, default=256)
+    relay.add_argument("--shape", choices=("chain", "fully-connected"), default="chain",
+                       help="chain: each agent reads the answers before it; fully-connected: every agent reads "
+                            "a shared input behind its own long prefix, answers, then answers again after "
+                            "reading every other agent's answer")
+    relay.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (chain), 512 (fully-connected)")
+    relay.add_argument("--prefix-tokens", type=int, default=512, help="fully-connected: each agent's prefix")
+    relay.add_argument("--input-tokens", type=int, default=1024, help="fully-connected: the shared input")
     relay.add_argument("--budgets", default="0.15,0.3", help="cacheblend ratios and relay budget caps")
     relay.add_argument("--epic-k", default="16,32")
     relay.add_argument("--hidden", action=argparse.BooleanOptionalAction, default=True,
