@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "connector/kv_ops/kv_ops_cuda.h"
@@ -584,6 +586,122 @@ Status RerotateKPerTokenCuda(const PagedKvCache& cache, std::span<const int32_t>
                              const RopeParams& rope, LayerRange layers, void* stream) {
   RELAYKV_ASSIGN_OR_RETURN(const Deltas d, PerTokenDeltas(deltas));
   return RotatePagedCuda(cache, block_table, seq_begin, d, rope, layers, stream);
+}
+
+// ---------------------------------------------------------------------------
+// Host payload <-> device cache.
+
+namespace {
+
+// Makes the device holding `p` current for its lifetime, and restores the previous one.
+class DeviceOf {
+ public:
+  static Result<DeviceOf> For(const void* p, std::string_view what) {
+    cudaPointerAttributes attr{};
+    RELAYKV_CUDA_TRY(cudaPointerGetAttributes(&attr, p));
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+      return InvalidArgument(std::string(what) + " is not in device memory");
+    }
+    DeviceOf out;
+    RELAYKV_CUDA_TRY(cudaGetDevice(&out.previous_));
+    if (attr.device != out.previous_) RELAYKV_CUDA_TRY(cudaSetDevice(attr.device));
+    out.active_ = true;
+    return std::move(out);
+  }
+  DeviceOf(DeviceOf&& o) noexcept
+      : previous_(o.previous_), active_(std::exchange(o.active_, false)) {}
+  DeviceOf& operator=(DeviceOf&&) = delete;
+  ~DeviceOf() {
+    if (active_) cudaSetDevice(previous_);
+  }
+
+ private:
+  DeviceOf() = default;
+  int previous_ = 0;
+  bool active_ = false;
+};
+
+struct CudaFree {
+  void operator()(void* p) const { cudaFree(p); }
+};
+using DeviceMemory = std::unique_ptr<void, CudaFree>;
+
+Result<DeviceMemory> AllocateDevice(size_t bytes) {
+  void* p = nullptr;
+  RELAYKV_CUDA_TRY(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
+  return DeviceMemory(p);
+}
+
+// The 2L (layer, K/V) row blocks of `count` tokens: one strided 2-D copy between a
+// payload of `a_tokens` tokens (from a_begin) and one of `b_tokens` (from b_begin).
+Status CopyPayloadRows(void* b, int32_t b_tokens, int32_t b_begin, const void* a, int32_t a_tokens,
+                       int32_t a_begin, int32_t count, const KvLayout& layout,
+                       cudaMemcpyKind kind) {
+  const size_t row =
+      static_cast<size_t>(layout.num_kv_heads) * layout.head_size * DTypeSize(layout.dtype);
+  RELAYKV_CUDA_TRY(cudaMemcpy2DAsync(static_cast<char*>(b) + row * b_begin, row * b_tokens,
+                                     static_cast<const char*>(a) + row * a_begin, row * a_tokens,
+                                     row * count, static_cast<size_t>(layout.num_layers) * 2, kind,
+                                     nullptr));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ImportToDeviceCache(const KvPayload& host_src, int32_t src_token_begin, int32_t count,
+                           const PagedKvCache& dst, std::span<const int32_t> block_table,
+                           int32_t seq_begin, const RopeParams& rope,
+                           std::span<const int64_t> deltas) {
+  RELAYKV_RETURN_IF_ERROR(ValidatePayloadRange(host_src, src_token_begin, count, /*device=*/false));
+  RELAYKV_RETURN_IF_ERROR(ValidatePagedRange(dst, block_table, seq_begin, count, /*device=*/true));
+  if (!(host_src.layout == dst.layout)) {
+    return InvalidArgument("payload layout " + host_src.layout.ToString() +
+                           " differs from the cache's " + dst.layout.ToString());
+  }
+  if (deltas.size() != 1 && deltas.size() != static_cast<size_t>(count)) {
+    return InvalidArgument("need one delta or one per token, got " + std::to_string(deltas.size()));
+  }
+  if (count == 0) return Status::Ok();
+  RELAYKV_ASSIGN_OR_RETURN(DeviceOf device, DeviceOf::For(dst.k_base[0], "paged cache"));
+  KvPayload staged{nullptr, count, dst.layout, /*on_device=*/true};
+  RELAYKV_ASSIGN_OR_RETURN(DeviceMemory mem, AllocateDevice(static_cast<size_t>(staged.Bytes())));
+  staged.data = mem.get();
+  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
+  RELAYKV_RETURN_IF_ERROR(CopyPayloadRows(staged.data, count, 0, host_src.data, host_src.num_tokens,
+                                          src_token_begin, count, dst.layout,
+                                          cudaMemcpyHostToDevice));
+  RELAYKV_RETURN_IF_ERROR(ScatterKvCuda(staged, 0, count, dst, block_table, seq_begin));
+  if (deltas.size() == 1) {
+    RELAYKV_RETURN_IF_ERROR(
+        RerotateKCuda(dst, block_table, seq_begin, count, rope, deltas[0], LayerRange::All()));
+  } else {
+    RELAYKV_RETURN_IF_ERROR(RerotateKPerTokenCuda(dst, block_table, seq_begin, deltas, rope));
+  }
+  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
+  return Status::Ok();
+}
+
+Status ExportFromDeviceCache(const PagedKvCache& src, std::span<const int32_t> block_table,
+                             int32_t seq_begin, int32_t count, const KvPayload& host_dst,
+                             int32_t dst_token_begin) {
+  RELAYKV_RETURN_IF_ERROR(ValidatePagedRange(src, block_table, seq_begin, count, /*device=*/true));
+  RELAYKV_RETURN_IF_ERROR(ValidatePayloadRange(host_dst, dst_token_begin, count, /*device=*/false));
+  if (!(host_dst.layout == src.layout)) {
+    return InvalidArgument("payload layout " + host_dst.layout.ToString() +
+                           " differs from the cache's " + src.layout.ToString());
+  }
+  if (count == 0) return Status::Ok();
+  RELAYKV_ASSIGN_OR_RETURN(DeviceOf device, DeviceOf::For(src.k_base[0], "paged cache"));
+  KvPayload staged{nullptr, count, src.layout, /*on_device=*/true};
+  RELAYKV_ASSIGN_OR_RETURN(DeviceMemory mem, AllocateDevice(static_cast<size_t>(staged.Bytes())));
+  staged.data = mem.get();
+  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
+  RELAYKV_RETURN_IF_ERROR(GatherKvCuda(src, block_table, seq_begin, count, staged, 0));
+  RELAYKV_RETURN_IF_ERROR(CopyPayloadRows(host_dst.data, host_dst.num_tokens, dst_token_begin,
+                                          staged.data, count, 0, count, src.layout,
+                                          cudaMemcpyDeviceToHost));
+  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
+  return Status::Ok();
 }
 
 }  // namespace relaykv

@@ -67,4 +67,24 @@ Status RerotateKPerTokenCuda(const PagedKvCache& cache, std::span<const int32_t>
                              const RopeParams& rope, LayerRange layers = LayerRange::All(),
                              void* stream = nullptr);
 
+// A record's payload lives in host memory (a store segment or a read buffer);
+// these two move part of it to or from a device-resident cache through a
+// device staging buffer on the cache's device. Both wait for the device to be
+// idle first (the cache may have been written or read by work on any stream,
+// e.g. the serving engine's forward) and for their own work before returning,
+// so the host payload may be released or reused right away.
+
+// Payload tokens [src_token_begin, +count) → sequence tokens [seq_begin, +count)
+// of `dst`, then K re-rotated by deltas[i] for token i (one delta: uniform).
+Status ImportToDeviceCache(const KvPayload& host_src, int32_t src_token_begin, int32_t count,
+                           const PagedKvCache& dst, std::span<const int32_t> block_table,
+                           int32_t seq_begin, const RopeParams& rope,
+                           std::span<const int64_t> deltas);
+
+// Sequence tokens [seq_begin, +count) of `src` → payload tokens
+// [dst_token_begin, +count) of a host payload.
+Status ExportFromDeviceCache(const PagedKvCache& src, std::span<const int32_t> block_table,
+                             int32_t seq_begin, int32_t count, const KvPayload& host_dst,
+                             int32_t dst_token_begin);
+
 }  // namespace relaykv

@@ -6,6 +6,9 @@
 #include <cstring>
 
 #include "connector/kv_ops/rope.h"
+#if RELAYKV_HAVE_CUDA
+#include "connector/kv_ops/kv_ops_cuda.h"
+#endif
 #include "transfer/record/record.h"
 
 namespace relaykv {
@@ -100,9 +103,11 @@ Status KvRelay::CheckCache(const PagedKvCache& cache) const {
     return InvalidArgument("paged cache layout " + cache.layout.ToString() +
                            " differs from this instance's " + identity_.layout.ToString());
   }
+#if !RELAYKV_HAVE_CUDA
   if (cache.on_device) {
-    return Unimplemented("device-resident caches need the CUDA relay path");
+    return Unimplemented("device-resident caches: relaykv was built without CUDA");
   }
+#endif
   return Status::Ok();
 }
 
@@ -124,6 +129,17 @@ Status AttachHidden(const HiddenCheckpoints& hidden, int32_t count, RecordMeta& 
         std::to_string(count) + " tokens x " + std::to_string(hidden.hidden_size) + " elements)");
   }
   return Status::Ok();
+}
+
+// Sequence tokens [seq_begin, +count) of `cache` (host or device) into a host payload.
+Status GatherToHost(const PagedKvCache& cache, std::span<const int32_t> block_table,
+                    int32_t seq_begin, int32_t count, const KvPayload& payload) {
+#if RELAYKV_HAVE_CUDA
+  if (cache.on_device) {
+    return ExportFromDeviceCache(cache, block_table, seq_begin, count, payload, 0);
+  }
+#endif
+  return GatherKv(cache, block_table, seq_begin, count, payload, 0);
 }
 
 uint64_t MixHiddenLayers(uint64_t id, const RecordMeta& meta) {
@@ -178,7 +194,7 @@ Result<ExportResult> KvRelay::Export(const PagedKvCache& cache,
                              RecordWriter::Create(meta, tokens, positions, buf, buf_size));
     const KvPayload payload{writer.payload(), count, identity_.layout, /*on_device=*/false};
     RELAYKV_RETURN_IF_ERROR(
-        GatherKv(cache, block_table, seq_begin, count, payload, 0).WithContext("export gather"));
+        GatherToHost(cache, block_table, seq_begin, count, payload).WithContext("export gather"));
     if (!meta.hidden_layers.empty()) {
       const size_t per_checkpoint = hidden->data.size() / meta.hidden_layers.size();
       for (size_t c = 0; c < meta.hidden_layers.size(); ++c) {
@@ -327,15 +343,12 @@ Result<ImportResult> KvRelay::ImportLocked(const Span& span, std::span<const int
   RELAYKV_RETURN_IF_ERROR(CheckCache(cache));
   RecordHold hold;
   RELAYKV_ASSIGN_OR_RETURN(RecordView view, OpenSpan(span, prompt, &hold));
-  RELAYKV_RETURN_IF_ERROR(
-      ValidatePagedRange(cache, block_table, span.dst_offset, span.length, /*device=*/false));
+  RELAYKV_RETURN_IF_ERROR(ValidatePagedRange(cache, block_table, span.dst_offset, span.length,
+                                             /*device=*/cache.on_device));
 
   const KvPayload payload{const_cast<uint8_t*>(view.payload()), view.num_tokens(), identity_.layout,
                           /*on_device=*/false};
-  RELAYKV_RETURN_IF_ERROR(
-      ScatterKv(payload, span.src_offset, span.length, cache, block_table, span.dst_offset));
-
-  // K was rotated at the record's positions; rotate it to the prompt's.
+  // K was rotated at the record's positions; it is rotated to the prompt's.
   const auto src_pos = view.positions().subspan(span.src_offset, span.length);
   std::vector<int64_t> deltas(span.length);
   bool uniform = true;
@@ -343,6 +356,21 @@ Result<ImportResult> KvRelay::ImportLocked(const Span& span, std::span<const int
     deltas[i] = static_cast<int64_t>(span.dst_offset) + i - src_pos[i];
     uniform = uniform && deltas[i] == deltas[0];
   }
+  ImportResult result;
+  result.tokens = span.length;
+  result.bytes = static_cast<uint64_t>(span.length) * identity_.layout.TokenBytes() * 2 *
+                 static_cast<uint64_t>(identity_.layout.num_layers);
+  result.position_delta = deltas[0];
+  if (cache.on_device) {
+#if RELAYKV_HAVE_CUDA
+    RELAYKV_RETURN_IF_ERROR(ImportToDeviceCache(
+        payload, span.src_offset, span.length, cache, block_table, span.dst_offset, identity_.rope,
+        uniform ? std::span<const int64_t>(deltas.data(), 1) : std::span<const int64_t>(deltas)));
+    return result;
+#endif
+  }
+  RELAYKV_RETURN_IF_ERROR(
+      ScatterKv(payload, span.src_offset, span.length, cache, block_table, span.dst_offset));
   if (uniform) {
     RELAYKV_RETURN_IF_ERROR(
         RerotateK(cache, block_table, span.dst_offset, span.length, identity_.rope, deltas[0]));
@@ -350,11 +378,6 @@ Result<ImportResult> KvRelay::ImportLocked(const Span& span, std::span<const int
     RELAYKV_RETURN_IF_ERROR(
         RerotateKPerToken(cache, block_table, span.dst_offset, deltas, identity_.rope));
   }
-  ImportResult result;
-  result.tokens = span.length;
-  result.bytes = static_cast<uint64_t>(span.length) * identity_.layout.TokenBytes() * 2 *
-                 static_cast<uint64_t>(identity_.layout.num_layers);
-  result.position_delta = deltas[0];
   return result;
 }
 

@@ -6,6 +6,10 @@
 // model, layout, RoPE, tenant, the tokens themselves), scatters the span into
 // the destination blocks and re-rotates K to the span's new positions.
 //
+// Caches may live on a GPU (PagedKvCache::on_device, builds with CUDA): the
+// record stays in host memory and the span moves through a staging buffer on
+// the cache's device (kv_ops_cuda.h: ImportToDeviceCache/ExportFromDeviceCache).
+//
 // Every failure comes back as a Status and is counted by reason; the caller
 // recomputes the affected tokens. Nothing half-imported is reported as done:
 // on failure the destination blocks hold unspecified bytes the caller must

@@ -20,9 +20,12 @@ namespace nb = nanobind;
 namespace relaykv::python {
 namespace {
 
-using AnyArray = nb::ndarray<nb::device::cpu>;
+// Host or CUDA memory: a cache on a GPU is imported into and exported from
+// through a device staging buffer (RELAYKV_HAVE_CUDA builds).
+using AnyArray = nb::ndarray<>;
 
-Result<DType> DTypeOf(const AnyArray& a) {
+template <typename Array>
+Result<DType> DTypeOf(const Array& a) {
   const nb::dlpack::dtype t = a.dtype();
   if (t.lanes != 1) return InvalidArgument("vector dtypes are not KV caches");
   if (t.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && t.bits == 32) {
@@ -69,20 +72,28 @@ PyPagedCache MakePagedCache(const std::vector<nb::object>& k_layers,
                                      std::to_string(a.ndim()) + " dims"));
       }
       const DType dt = Unwrap(DTypeOf(a));
+      const int32_t dev = a.device_type();
+      if (dev != nb::device::cpu::value && dev != nb::device::cuda::value) {
+        ThrowIfError(InvalidArgument("layer " + std::to_string(l) +
+                                     ": KV tensors must be in CPU or CUDA memory"));
+      }
+      const bool on_device = dev == nb::device::cuda::value;
       if (l == 0 && kv == 0) {
+        out.view.on_device = on_device;
         dtype = dt;
         for (int i = 0; i < 4; ++i) {
           shape[i] = static_cast<int64_t>(a.shape(i));
           strides[i] = a.stride(i);
         }
       } else {
-        bool same = dt == dtype;
+        bool same = dt == dtype && on_device == out.view.on_device;
         for (int i = 0; i < 4; ++i) {
           same = same && shape[i] == static_cast<int64_t>(a.shape(i)) && strides[i] == a.stride(i);
         }
         if (!same) {
           ThrowIfError(InvalidArgument("layer " + std::to_string(l) + (kv ? " V" : " K") +
-                                       " differs from layer 0 K in shape, strides or dtype"));
+                                       " differs from layer 0 K in shape, strides, dtype or "
+                                       "device"));
         }
       }
       (kv == 0 ? out.view.k_base : out.view.v_base).push_back(a.data());
@@ -141,6 +152,11 @@ nb::dict StoreStatsDict(const StoreStats& s) {
 }  // namespace
 
 void BindRelay(nb::module_& m) {
+#if RELAYKV_HAVE_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
   m.def(
       "xxh64", [](nb::bytes data, uint64_t seed) { return XXH64(data.c_str(), data.size(), seed); },
       nb::arg("data"), nb::arg("seed") = 0, "xxhash64 of bytes (model fingerprints, ids).");
@@ -234,12 +250,12 @@ void BindRelay(nb::module_& m) {
              const std::vector<int32_t>& tokens, int32_t seq_begin,
              const std::vector<int32_t>& hidden_layers, nb::object hidden) {
             HiddenCheckpoints checkpoints;
-            AnyArray rows;
+            nb::ndarray<nb::device::cpu> rows;  // read on the host, into the record
             if (!hidden_layers.empty()) {
               if (hidden.is_none()) {
                 ThrowIfError(InvalidArgument("hidden_layers given without hidden"));
               }
-              rows = nb::cast<AnyArray>(hidden);
+              rows = nb::cast<nb::ndarray<nb::device::cpu>>(hidden);
               if (rows.ndim() != 3 || rows.shape(0) != hidden_layers.size() ||
                   rows.shape(1) != tokens.size() || rows.stride(2) != 1 ||
                   rows.stride(1) != static_cast<int64_t>(rows.shape(2)) ||

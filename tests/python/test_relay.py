@@ -135,3 +135,35 @@ def test_half_precision_round_trip(dtype):
         assert torch.equal(buf[l, ..., :D].reshape(-1, H, D)[:64], layers[l][0].reshape(-1, H, D)[:64])
         assert torch.equal(buf[l, ..., D:].reshape(-1, H, D)[:64], layers[l][1].reshape(-1, H, D)[:64])
     assert math.isclose(relay.store_stats()["records"], 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not core.built_with_cuda, reason="relaykv was built without CUDA")
+def test_cuda_caches_export_and_import_like_host_caches(relay):
+    """A cache on the GPU (vLLM's flash layout) exports and imports through the same calls;
+    the bytes equal the host path's (V exactly, K within the RoPE kernels' last-bit bound)."""
+    torch.manual_seed(3)
+    host_layers, host = nhd_cache()
+    for x in host_layers:
+        x.normal_()
+    gpu_layers = [x.cuda() for x in host_layers]
+    gpu = core.PagedCache([x[0] for x in gpu_layers], [x[1] for x in gpu_layers])
+    table = list(range(NB))
+    answer = list(range(2000, 2040))
+    exported = relay.export(gpu, table, answer, 10)  # gathered on the GPU, copied to the record
+    prompt = list(range(5000, 5023)) + answer
+    (span,) = relay.lookup(prompt)
+    assert span.record_id == exported["record_id"]
+    out_gpu = [torch.zeros_like(x) for x in gpu_layers]
+    out_host = [torch.zeros_like(x) for x in host_layers]
+    dst_table = list(reversed(range(NB)))
+    relay.import_span(span, prompt, core.PagedCache([x[0] for x in out_gpu], [x[1] for x in out_gpu]), dst_table)
+    relay.import_span(span, prompt, core.PagedCache([x[0] for x in out_host], [x[1] for x in out_host]),
+                      dst_table)
+    for l in range(L):
+        got = out_gpu[l].cpu()
+        assert torch.equal(got[1], out_host[l][1]), l
+        assert torch.allclose(got[0], out_host[l][0], atol=1e-6, rtol=1e-6), l
+    # The exported record holds the host cache's bytes: V at the original positions unchanged.
+    assert torch.equal(rows(out_host[0][1], dst_table, range(23, 63)), rows(host_layers[0][1], table, range(10, 50)))

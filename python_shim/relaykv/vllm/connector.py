@@ -43,9 +43,11 @@ CPU note: vLLM's CPU attention ("vec" ISA) keeps K and V in different orders
 inside a page; core.PagedCache takes one set of strides, so there spans are staged
 through a small buffer (RelayCache below) instead of scattered in place.
 
-GPU note: core.PagedCache binds CPU tensors only, so on a CUDA KV cache
-register_kv_caches refuses with that reason (the import/export kernels exist in
-C++, the binding does not take device memory yet).
+GPU note: on a CUDA KV cache (a relaykv built with CUDA) imports copy the span's
+rows from the record to a staging buffer on the cache's GPU, then scatter and
+re-rotate with the CUDA kernels; exports gather on the GPU and copy back. Both
+synchronise the device before and after (the forward may be in flight on another
+stream), so a claim costs one device sync.
 """
 
 from __future__ import annotations
@@ -386,10 +388,13 @@ class RelayKVConnector(KVConnectorBase_V1):
                 f"relaykv: tensor_parallel_size={pc.tensor_parallel_size}, pipeline_parallel_size="
                 f"{pc.pipeline_parallel_size}: the worker side supports one worker holding every layer and head")
         first = next(iter(kv_caches.values()), None)
-        if first is not None and first.device.type != "cpu":
+        if first is not None and first.device.type not in ("cpu", "cuda"):
+            raise UnsupportedKvLayoutError(f"relaykv: the KV cache is on {first.device}; relaykv takes CPU or "
+                                           "CUDA caches")
+        if first is not None and first.device.type == "cuda" and not core.built_with_cuda:
             raise UnsupportedKvLayoutError(
-                f"relaykv: the KV cache is on {first.device}; relaykv's PagedCache binding takes CPU tensors "
-                "only (device KV caches need the CUDA binding of the relay's gather/scatter)")
+                f"relaykv: the KV cache is on {first.device} but this relaykv was built without CUDA "
+                "(build with nvcc on the path, RELAYKV_WITH_CUDA=ON)")
         ctx = getattr(self._vllm_config.compilation_config, "static_forward_context", None) or {}
         views = layer_kv_views(kv_caches, num_layers=mc.get_num_layers(pc), num_kv_heads=mc.get_num_kv_heads(pc),
                                head_size=mc.get_head_size(), backends=self._attention_backends(list(kv_caches)),
