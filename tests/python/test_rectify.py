@@ -138,6 +138,8 @@ def _imported_kv(inst, ids, span):
              use_prefix_cache=False),
     Strategy("relay", start_layer=1, det_layer=1, end_layer=-1, suffix_tokens=4, budget=0.25,
              use_prefix_cache=False),
+    # det before start: R is computed from det + 1 on and keeps that fresh KV.
+    Strategy("relay", start_layer=2, det_layer=0, end_layer=2, suffix_tokens=4, use_prefix_cache=False),
 ], ids=lambda s: s.label() + f"-{s.end_layer}")
 def test_recompute_set_is_the_definition(relayed, strategy):
     inst, ids, span = relayed
@@ -157,6 +159,8 @@ def test_recompute_set_is_the_definition(relayed, strategy):
             assert len(chosen) <= int(strategy.budget * n_span)
     k, v = res.seq.cache.gather(res.seq.table, span)
     start = {"cacheblend": 0, "epic": 0}.get(strategy.name, strategy.start_layer)
+    if strategy.name == "relay" and strategy.scheme == "layer0":
+        start = min(start, strategy.det_layer + 1)
     end = L - 1 if strategy.end_layer < 0 or strategy.name != "relay" else strategy.end_layer
     is_chosen = torch.tensor([p in set(chosen) for p in span])
     for layer in range(L):
@@ -256,6 +260,29 @@ def test_pick_layers_finds_the_dip():
     # layer 0 is never rectified, and nothing below the threshold means an empty range
     r = pick_layers(torch.tensor([0.5, 1.0, 1.0]), torch.ones(3), 0.99)
     assert r["start_layer"] > r["end_layer"]
+
+
+def test_det_layer_is_the_earliest_that_ranks_tokens_like_the_rectified_range():
+    from relaykv.rectify.profiler import build_profile, det_rank_correlation, pick_det_layer, spearman
+
+    assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([10.0, 20, 30, 40])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([4.0, 3, 2, 1])) == pytest.approx(-1.0)
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(40, generator=g)  # each token's real deviation
+    noise = torch.rand(6, 40, generator=g)
+    # Layer l sees the truth through noise that fades with depth; layers 3..5 are the rectified range.
+    weights = [0.0, 0.1, 0.5, 0.9, 1.0, 1.0]
+    dev = torch.stack([w * truth + (1 - w) * noise[i] for i, w in enumerate(weights)])
+    corr = det_rank_correlation([dev, dev.flip(1)], start=3, end=5)
+    assert corr[1] < 0.5 < 0.9 < corr[3]
+    assert pick_det_layer(corr, start=3, min_corr=0.6) in (2, 3)
+    assert pick_det_layer(corr, start=3, min_corr=0.99) == 3  # none reaches it: start
+    assert pick_det_layer(corr, start=3, min_corr=-1.0) == 1  # never layer 0
+    stats = {"_dev_v": [dev], "cos_k": [1.0] * 6, "cos_v": [1.0, 1.0, 1.0, 0.9, 0.9, 0.9]}
+    prof = build_profile("m", stats, threshold=0.95, tau_dev=1.5, tau_inf=1.5, suffix_tokens=4,
+                         scheme="layer0", det_min_corr=0.6)
+    assert (prof["start_layer"], prof["end_layer"]) == (3, 5) and prof["det_layer"] <= 3
+    assert "_dev_v" not in prof and len(prof["det_rank_corr"]) == 6
 
 
 def test_token_cosines_per_layer_and_token():

@@ -44,7 +44,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
             progress=lambda i, n: status.update(f"calibration relay {i + 1}/{len(tasks)} ({n} span tokens)"))
     prof = profiler.build_profile("smollm2-135m-instruct", stats, threshold=args.threshold,
                                   tau_dev=args.tau_dev, tau_inf=args.tau_inf,
-                                  suffix_tokens=args.suffix_tokens, scheme=args.scheme)
+                                  suffix_tokens=args.suffix_tokens, scheme=args.scheme,
+                                  det_min_corr=args.det_min_corr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof, indent=1) + "\n")
@@ -55,6 +56,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     console.print("layer  " + " ".join(f"{i:>5}" for i in range(len(stats["cos_k"]))))
     console.print("cos K  " + " ".join(f"{x:5.3f}" for x in stats["cos_k"]))
     console.print("cos V  " + " ".join(f"{x:5.3f}" for x in stats["cos_v"]))
+    if prof["det_rank_corr"]:
+        console.print("rank corr " + " ".join(f"{x:5.2f}" for x in prof["det_rank_corr"]))
     console.print(f"start_layer {prof['start_layer']}, det_layer {prof['det_layer']}, "
                   f"end_layer {prof['end_layer']} (threshold {args.threshold}); "
                   f"U-shaped: {prof['u_shaped']}")

@@ -4,7 +4,10 @@ Calibration relays decode a text behind prefix A, export it, and prefill the
 same text behind prefix B; per layer we compare the imported (re-rotated) K
 and V with the K and V a full prefill of B computes, by cosine per token. The
 layers whose similarity drops below a threshold are the ones worth
-rectifying: [start_layer, end_layer]; det_layer is where the selector looks.
+rectifying: [start_layer, end_layer]. det_layer is where the selector looks:
+the earliest layer whose per-token V deviation already ranks the tokens the
+way their deviation over [start_layer, end_layer] does (Spearman correlation
+on the calibration relays), since every span token is computed up to it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,36 @@ def pick_layers(cos_k: torch.Tensor, cos_v: torch.Tensor, threshold: float) -> d
     return {"start_layer": start, "det_layer": start, "end_layer": end}
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation of two 1-D tensors (ties broken by order)."""
+    ra = torch.argsort(torch.argsort(a)).double()
+    rb = torch.argsort(torch.argsort(b)).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else 0.0
+
+
+def det_rank_correlation(dev_v: Sequence[torch.Tensor], start: int, end: int) -> list[float]:
+    """Per layer l, the mean over calibration relays of spearman(deviation at l, mean
+    deviation over [start, end]); dev_v holds one [L, n] per relay (1 - cos V)."""
+    if start > end:
+        return []
+    num_layers = int(dev_v[0].shape[0])
+    out = []
+    for layer in range(num_layers):
+        vals = [spearman(d[layer], d[start:end + 1].mean(0)) for d in dev_v if d.shape[1] > 1]
+        out.append(sum(vals) / len(vals) if vals else 0.0)
+    return out
+
+
+def pick_det_layer(corr: Sequence[float], start: int, min_corr: float) -> int:
+    """The earliest layer in [1, start] whose rank correlation reaches min_corr; start if none."""
+    for layer in range(1, start + 1):
+        if layer < len(corr) and corr[layer] >= min_corr:
+            return layer
+    return start
+
+
 def is_u_shaped(sim: torch.Tensor, margin: float = 0.01) -> bool:
     """True when both ends are more similar than the minimum by at least `margin`."""
     lo = int(torch.argmin(sim))
@@ -85,19 +118,27 @@ def calibrate(inst: Any, tasks: Sequence[str], *, max_new_tokens: int = 96,
     if not ks:
         raise RuntimeError("no calibration relay imported anything")
     k, v = torch.cat(ks, 1), torch.cat(vs, 1)
-    return {"cos_k": k.mean(1).tolist(), "cos_v": v.mean(1).tolist(),
+    # Per-relay deviations stay apart: a token's rank only means something within its relay.
+    return {"_dev_v": [1 - x for x in vs], "cos_k": k.mean(1).tolist(), "cos_v": v.mean(1).tolist(),
             "cos_k_p10": torch.quantile(k, 0.1, dim=1).tolist(),
             "cos_v_p10": torch.quantile(v, 0.1, dim=1).tolist(),
             "tokens": int(k.shape[1]), "relays": len(ks)}
 
 
 def build_profile(model: str, stats: dict[str, Any], *, threshold: float, tau_dev: float,
-                  tau_inf: float, suffix_tokens: int, scheme: str) -> dict[str, Any]:
+                  tau_inf: float, suffix_tokens: int, scheme: str, det_min_corr: float = 0.75) -> dict[str, Any]:
+    """The profile JSON. det_layer: pick_det_layer over the calibration relays' deviations
+    (with the hidden scheme span tokens start at start_layer, so det_layer stays there)."""
     ck, cv = torch.tensor(stats["cos_k"]), torch.tensor(stats["cos_v"])
     layers = pick_layers(ck, cv, threshold)
-    return {"model": model, **layers, "similarity_threshold": threshold, "tau_dev": tau_dev,
-            "tau_inf": tau_inf, "suffix_tokens": suffix_tokens, "scheme": scheme,
-            "u_shaped": is_u_shaped(torch.minimum(ck, cv)), **stats}
+    corr = det_rank_correlation(stats["_dev_v"], layers["start_layer"], layers["end_layer"]) \
+        if stats.get("_dev_v") else []
+    if corr and scheme == "layer0":
+        layers["det_layer"] = pick_det_layer(corr, layers["start_layer"], det_min_corr)
+    public = {k: v for k, v in stats.items() if not k.startswith("_")}
+    return {"model": model, **layers, "similarity_threshold": threshold, "det_min_corr": det_min_corr,
+            "det_rank_corr": corr, "tau_dev": tau_dev, "tau_inf": tau_inf, "suffix_tokens": suffix_tokens,
+            "scheme": scheme, "u_shaped": is_u_shaped(torch.minimum(ck, cv)), **public}
 
 
 def load_profile(path: str | Path | None = None) -> dict[str, Any]:

@@ -11,11 +11,14 @@ its own hidden state entering l:
     stage 2  layers [det+1, end]   rows: gaps ∪ R
     stage 3  layers [end+1, L-1]   rows: gaps
 
+(det_layer may lie before start_layer; R then also keeps its fresh KV in
+(det_layer, start_layer), which it computes on the way anyway.)
+
 `scheme="layer0"` starts span tokens from their embeddings (first = 0); with
 `scheme="hidden"` they start at start_layer from hidden states the exporter
 saved at a checkpoint (the output of layer start_layer - 1), and gap rows are
 computed alone through layers [0, start_layer). After the forward, span tokens
-keep the imported KV everywhere outside R × [start_layer, end_layer], so the
+keep the imported KV everywhere outside R × [min(det+1, start), end_layer], so the
 cache that decoding continues on is exactly what the strategy defines.
 Imported KV is never offered to the prefix cache as exact.
 """
@@ -184,8 +187,10 @@ class _Runner:
     def _rectify(self, gaps: torch.Tensor, span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.s
         start = 0 if s.name == "cacheblend" else s.start_layer
-        det = max(s.det_layer, start)
         first = start if s.scheme == "hidden" else 0
+        # det may come before start (the profiler picks the earliest layer that ranks tokens
+        # well): R is then computed from det + 1 on, and keeps its fresh KV from there.
+        det = max(s.det_layer, first)
         hidden_in = None
         if first > 0:
             h_gaps = self.fwd(gaps, 0, first - 1).hidden_states
