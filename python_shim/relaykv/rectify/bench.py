@@ -66,13 +66,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def bench_strategies(profile: dict[str, Any], budgets: Sequence[float], epic_k: Sequence[int],
-                     with_hidden: bool) -> list[Strategy]:
-    """prefix, naive, cacheblend and relay at each budget, epic at each k, relay uncapped."""
+                     with_hidden: bool, relay_det: Sequence[int] = ()) -> list[Strategy]:
+    """prefix, naive, cacheblend and relay at each budget, epic at each k, relay uncapped;
+    with relay_det, the relay ones once per detection layer (labelled relay-det<l>)."""
     out = [Strategy("prefix"), Strategy("naive")]
     out += [Strategy("cacheblend", det_layer=1, ratio=b) for b in budgets]
     out += [Strategy("epic", first_k=k) for k in epic_k]
-    out.append(from_profile(profile, scheme="layer0"))
-    out += [from_profile(profile, scheme="layer0", budget=b) for b in budgets]
+    for det in relay_det or [None]:
+        extra = {} if det is None else {"det_layer": det, "variant": f"det{det}"}
+        out.append(from_profile(profile, scheme="layer0", **extra))
+        out += [from_profile(profile, scheme="layer0", budget=b, **extra) for b in budgets]
     if with_hidden and profile["start_layer"] > 0:
         out.append(from_profile(profile, scheme="hidden"))
         out += [from_profile(profile, scheme="hidden", budget=b) for b in budgets]
@@ -166,7 +169,8 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     profile = profiler.load_profile(args.profile)
     budgets = [float(x) for x in args.budgets.split(",") if x]
     epic_k = [int(x) for x in args.epic_k.split(",") if x]
-    strategies = bench_strategies(profile, budgets, epic_k, args.hidden)
+    relay_det = [int(x) for x in args.relay_det.split(",") if x]
+    strategies = bench_strategies(profile, budgets, epic_k, args.hidden, relay_det)
     if args.only:
         wanted = set(args.only.split(","))
         strategies = [s for s in strategies if s.label() in wanted or s.name in wanted]
@@ -238,6 +242,8 @@ def add_bench_parser(sub: Any) -> None:
     relay.add_argument("--only", default="",
                        help="comma-separated labels or families to run (e.g. naive,relay-hidden@0.15)")
     relay.add_argument("--profile", default=None)
+    relay.add_argument("--relay-det", default="",
+                       help="comma-separated detection layers: relay once per layer (default: the profile's)")
     relay.add_argument("--out", default="results/bench/relay.jsonl")
     relay.add_argument("--threads", type=int, default=None)
     relay.set_defaults(func=cmd_bench_relay)

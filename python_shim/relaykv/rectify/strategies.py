@@ -52,14 +52,16 @@ class Strategy:
     first_k: int = 32  # epic's recomputed tokens per chunk
     scheme: str = "layer0"  # "layer0" or "hidden"
     use_prefix_cache: bool = True
+    variant: str = ""  # tells apart configurations of one family in a benchmark (e.g. "det3")
 
     def label(self) -> str:
-        """Unique per configuration the benchmark compares: family[-scheme][@budget]."""
+        """Unique per configuration the benchmark compares: family[-scheme][-variant][@budget]."""
         if self.name == "cacheblend":
             return f"cacheblend@{self.ratio:.2f}"
         if self.name == "epic":
             return f"epic@{self.first_k}"
         base = self.name if self.scheme == "layer0" else f"{self.name}-{self.scheme}"
+        base = f"{base}-{self.variant}" if self.variant else base
         return base if self.name != "relay" or self.budget is None else f"{base}@{self.budget:.2f}"
 
 

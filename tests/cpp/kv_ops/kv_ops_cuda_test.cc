@@ -13,6 +13,7 @@
 #include "connector/kv_ops/paged_kv.h"
 #include "connector/kv_ops/rope.h"
 #include "tests/cpp/kv_ops/kv_ops_test_util.h"
+#include "tests/cpp/testing/cuda_device.h"
 
 namespace relaykv {
 namespace {
@@ -34,23 +35,6 @@ using testing::Ulp;
   do {                                                                         \
     const cudaError_t err_ = (expr);                                           \
     ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
-  } while (0)
-
-// Empty when a device is usable, else why not.
-std::string NoDeviceReason() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(err);
-  }
-  return n == 0 ? "cudaGetDeviceCount found 0 devices" : "";
-}
-
-#define SKIP_WITHOUT_DEVICE()                                            \
-  do {                                                                   \
-    const std::string reason_ = NoDeviceReason();                        \
-    if (!reason_.empty()) GTEST_SKIP() << "no CUDA device: " << reason_; \
   } while (0)
 
 // Test set-up that cannot go on (no memory, broken device) ends the binary
@@ -161,7 +145,7 @@ Scenario MakeScenario(const Shape& s, DType dtype, Phys phys, uint64_t seed) {
 
 class KvOpsCudaTest : public ::testing::TestWithParam<testing::LayoutCase> {
  protected:
-  void SetUp() override { SKIP_WITHOUT_DEVICE(); }
+  void SetUp() override { RELAYKV_SKIP_WITHOUT_CUDA_DEVICE(); }
   Phys phys() const { return GetParam().phys; }
   DType dtype() const { return GetParam().dtype; }
 };
@@ -258,7 +242,7 @@ TEST_P(KvOpsCudaTest, PerTokenRerotationMatchesCpu) {
 
 class KvOpsCudaMiscTest : public ::testing::Test {
  protected:
-  void SetUp() override { SKIP_WITHOUT_DEVICE(); }
+  void SetUp() override { RELAYKV_SKIP_WITHOUT_CUDA_DEVICE(); }
 };
 
 TEST_F(KvOpsCudaMiscTest, RunsOnAStreamAndRoundTrips) {

@@ -13,6 +13,7 @@
 
 #include "connector/kv_ops/paged_kv.h"
 #include "connector/relay/kv_relay.h"
+#include "tests/cpp/testing/cuda_device.h"
 #include "transfer/common/dtype.h"
 
 namespace relaykv {
@@ -34,22 +35,6 @@ InstanceIdentity Identity() {
   id.tenant = "gpu";
   return id;
 }
-
-std::string NoDeviceReason() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(err);
-  }
-  return n == 0 ? "cudaGetDeviceCount found 0 devices" : "";
-}
-
-#define SKIP_WITHOUT_DEVICE()                                            \
-  do {                                                                   \
-    const std::string reason_ = NoDeviceReason();                        \
-    if (!reason_.empty()) GTEST_SKIP() << "no CUDA device: " << reason_; \
-  } while (0)
 
 // A vLLM-flash-layout cache ([layer][K/V][block][slot][head][dim]) in host
 // memory and, on request, a device twin with the same strides.
@@ -149,7 +134,7 @@ StoreOptions Store() {
 }
 
 TEST(RelayCudaTest, ImportIntoADeviceCacheEqualsTheHostImport) {
-  SKIP_WITHOUT_DEVICE();
+  RELAYKV_SKIP_WITHOUT_CUDA_DEVICE();
   auto relay = KvRelay::Create(Identity(), Store());
   ASSERT_TRUE(relay.ok()) << relay.status().ToString();
   Cache src;
@@ -179,7 +164,7 @@ TEST(RelayCudaTest, ImportIntoADeviceCacheEqualsTheHostImport) {
 }
 
 TEST(RelayCudaTest, ExportFromADeviceCacheEqualsTheHostExport) {
-  SKIP_WITHOUT_DEVICE();
+  RELAYKV_SKIP_WITHOUT_CUDA_DEVICE();
   auto from_host = KvRelay::Create(Identity(), Store());
   auto from_gpu = KvRelay::Create(Identity(), Store());
   ASSERT_TRUE(from_host.ok() && from_gpu.ok());
@@ -207,7 +192,7 @@ TEST(RelayCudaTest, ExportFromADeviceCacheEqualsTheHostExport) {
 }
 
 TEST(RelayCudaTest, HostMemoryMarkedOnDeviceIsRefusedNotTouched) {
-  SKIP_WITHOUT_DEVICE();
+  RELAYKV_SKIP_WITHOUT_CUDA_DEVICE();
   auto relay = KvRelay::Create(Identity(), Store());
   ASSERT_TRUE(relay.ok());
   Cache src;
