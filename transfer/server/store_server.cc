@@ -17,6 +17,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -156,9 +157,12 @@ struct Conn {
 };
 
 struct DirOp {
-  enum class Kind { kPublish, kRemove } kind;
+  // kSeal: verify and seal `write`, then publish it (payload checks are a pass
+  // over the record, so they run here rather than on the event loop).
+  enum class Kind { kPublish, kRemove, kSeal } kind;
   RecordEntry entry;
   uint64_t reply_to = 0;  // connection serial waiting on this publish; 0: none
+  std::optional<PendingWrite> write;
 };
 
 struct SealCompletion {
@@ -229,6 +233,44 @@ struct StoreServer::Impl {
     std::lock_guard<std::mutex> lock(published_mu);
     auto it = published.find(internal);
     return it != published.end() && it->second.ns == ns && it->second.id == id;
+  }
+
+  // Checks a written record (the directory must never point at garbage), seals
+  // it and records what the directory should list. Any thread.
+  Result<RecordEntry> VerifyAndSeal(PendingWrite pw) {
+    ParseOptions parse;
+    parse.verify_payload_checksums = options.verify_payload;
+    auto view = ParseRecord(pw.handle.data(), pw.handle.size(), parse);
+    if (!view.ok()) {
+      ++rejected_seals;
+      return view.status().WithContext("seal: record rejected");
+    }
+    if (RecordNamespaceKey(view->meta()) != pw.ns) {
+      ++rejected_seals;
+      return InvalidArgument("seal: the record's model, layout or tenant do not match namespace '" +
+                             pw.ns + "'");
+    }
+    RecordEntry entry;
+    entry.ns = pw.ns;
+    entry.id = pw.id;
+    entry.server = info.name;
+    entry.length = pw.handle.size();
+    entry.seq_begin = view->positions().empty() ? 0 : view->positions()[0];
+    entry.tokens.assign(view->tokens().begin(), view->tokens().end());
+    const uint64_t internal = pw.handle.id();
+    const uint64_t bytes = pw.handle.size();
+    {
+      // Listed before Seal so a removal racing right after finds it.
+      std::lock_guard<std::mutex> lock(published_mu);
+      published[internal] = entry;
+    }
+    if (Status s = pw.handle.Seal(); !s.ok()) {
+      std::lock_guard<std::mutex> lock(published_mu);
+      published.erase(internal);
+      return s;
+    }
+    bytes_written += bytes;
+    return entry;
   }
 
   void OnRemoval(RecordId internal, RemovalReason) {
@@ -569,43 +611,17 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       if (it == c.writes.end()) return wire::ErrorReply(NotFound("seal: unknown handle"));
       PendingWrite pw = std::move(it->second);
       c.writes.erase(it);
-      // Verify before publishing: the directory must never point at garbage.
-      ParseOptions parse;
-      parse.verify_payload_checksums = options.verify_payload;
-      auto view = ParseRecord(pw.handle.data(), pw.handle.size(), parse);
-      if (!view.ok()) {
-        ++rejected_seals;
-        return wire::ErrorReply(view.status().WithContext("seal: record rejected"));
-      }
-      if (RecordNamespaceKey(view->meta()) != pw.ns) {
-        ++rejected_seals;
-        return wire::ErrorReply(InvalidArgument(
-            "seal: the record's model, layout or tenant do not match namespace '" + pw.ns + "'"));
-      }
-      RecordEntry entry;
-      entry.ns = pw.ns;
-      entry.id = pw.id;
-      entry.server = info.name;
-      entry.length = pw.handle.size();
-      entry.seq_begin = view->positions().empty() ? 0 : view->positions()[0];
-      entry.tokens.assign(view->tokens().begin(), view->tokens().end());
-      const uint64_t internal = pw.handle.id();
-      const uint64_t bytes = pw.handle.size();
-      {
-        // Published before Seal so a removal racing right after finds it.
-        std::lock_guard<std::mutex> lock(published_mu);
-        published[internal] = entry;
-      }
-      if (Status s = pw.handle.Seal(); !s.ok()) {
-        std::lock_guard<std::mutex> lock(published_mu);
-        published.erase(internal);
-        return wire::ErrorReply(s);
-      }
-      bytes_written += bytes;
       // Answered once the directory lists the record (DeliverCompletions): a
       // writer that got OK can tell any reader to look it up.
+      if (options.verify_payload) {
+        c.awaiting_publish = true;
+        EnqueueDir({DirOp::Kind::kSeal, RecordEntry{}, c.serial, std::move(pw)});
+        return std::string();
+      }
+      auto entry = VerifyAndSeal(std::move(pw));
+      if (!entry.ok()) return wire::ErrorReply(entry.status());
       c.awaiting_publish = true;
-      EnqueueDir({DirOp::Kind::kPublish, std::move(entry), c.serial});
+      EnqueueDir({DirOp::Kind::kPublish, std::move(*entry), c.serial, std::nullopt});
       return std::string();
     }
     case Op::kAbort: {
@@ -809,6 +825,16 @@ void StoreServer::Impl::DirectoryLoop() {
                          "); it is published when the directory is back");
     };
     for (DirOp& op : ops) {
+      if (op.kind == DirOp::Kind::kSeal) {
+        auto entry = VerifyAndSeal(std::move(*op.write));
+        op.write.reset();
+        if (!entry.ok()) {
+          CompleteSeal(op.reply_to, entry.status());
+          continue;
+        }
+        op.kind = DirOp::Kind::kPublish;
+        op.entry = std::move(*entry);
+      }
       if (!directory_up) {
         CompleteSeal(std::exchange(op.reply_to, 0), not_listed(Unavailable("directory down")));
         retry.push_back(std::move(op));

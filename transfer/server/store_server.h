@@ -50,9 +50,9 @@ struct StoreServerOptions {
   std::chrono::milliseconds directory_timeout{500};
   // Seal always verifies a record's header, metadata, tokens and namespace
   // (what the directory publishes). Payload checksums cost a pass over the
-  // bytes on the server's one event thread, and every importer verifies them
-  // anyway (a corrupt payload becomes a counted recompute there), so they are
-  // checked at seal only when asked.
+  // bytes (run on the directory thread, so other clients are not held up),
+  // and every importer verifies them anyway (a corrupt payload becomes a
+  // counted recompute there), so they are checked at seal only when asked.
   bool verify_payload = false;
 
   Status Validate() const;

@@ -5,7 +5,7 @@
 // with no lock held, Seal() to publish it. A get takes a ReadLease that pins
 // the record against eviction and deletion until the lease is released.
 //
-// The store server (issue 6) wraps this same class: it registers segment(i)
+// The store server (transfer/server/) wraps this same class: it registers segment(i)
 // with UCX and hands remote peers (segment, offset) so they write and read
 // the bytes with one-sided operations, while this class keeps the books.
 //
