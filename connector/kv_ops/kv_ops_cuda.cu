@@ -667,17 +667,21 @@ Status ImportToDeviceCache(const KvPayload& host_src, int32_t src_token_begin, i
   RELAYKV_ASSIGN_OR_RETURN(DeviceMemory mem, AllocateDevice(static_cast<size_t>(staged.Bytes())));
   staged.data = mem.get();
   RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
-  RELAYKV_RETURN_IF_ERROR(CopyPayloadRows(staged.data, count, 0, host_src.data, host_src.num_tokens,
-                                          src_token_begin, count, dst.layout,
-                                          cudaMemcpyHostToDevice));
-  RELAYKV_RETURN_IF_ERROR(ScatterKvCuda(staged, 0, count, dst, block_table, seq_begin));
-  if (deltas.size() == 1) {
-    RELAYKV_RETURN_IF_ERROR(
-        RerotateKCuda(dst, block_table, seq_begin, count, rope, deltas[0], LayerRange::All()));
-  } else {
-    RELAYKV_RETURN_IF_ERROR(RerotateKPerTokenCuda(dst, block_table, seq_begin, deltas, rope));
-  }
-  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
+  const Status queued = [&]() -> Status {
+    RELAYKV_RETURN_IF_ERROR(CopyPayloadRows(staged.data, count, 0, host_src.data,
+                                            host_src.num_tokens, src_token_begin, count, dst.layout,
+                                            cudaMemcpyHostToDevice));
+    RELAYKV_RETURN_IF_ERROR(ScatterKvCuda(staged, 0, count, dst, block_table, seq_begin));
+    if (deltas.size() == 1) {
+      return RerotateKCuda(dst, block_table, seq_begin, count, rope, deltas[0], LayerRange::All());
+    }
+    return RerotateKPerTokenCuda(dst, block_table, seq_begin, deltas, rope);
+  }();
+  // Also on failure: what was queued finishes before the host record and the
+  // staging buffer go.
+  const cudaError_t synced = cudaDeviceSynchronize();
+  RELAYKV_RETURN_IF_ERROR(queued);
+  RELAYKV_CUDA_TRY(synced);
   return Status::Ok();
 }
 
@@ -696,11 +700,14 @@ Status ExportFromDeviceCache(const PagedKvCache& src, std::span<const int32_t> b
   RELAYKV_ASSIGN_OR_RETURN(DeviceMemory mem, AllocateDevice(static_cast<size_t>(staged.Bytes())));
   staged.data = mem.get();
   RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
-  RELAYKV_RETURN_IF_ERROR(GatherKvCuda(src, block_table, seq_begin, count, staged, 0));
-  RELAYKV_RETURN_IF_ERROR(CopyPayloadRows(host_dst.data, host_dst.num_tokens, dst_token_begin,
-                                          staged.data, count, 0, count, src.layout,
-                                          cudaMemcpyDeviceToHost));
-  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
+  const Status queued = [&]() -> Status {
+    RELAYKV_RETURN_IF_ERROR(GatherKvCuda(src, block_table, seq_begin, count, staged, 0));
+    return CopyPayloadRows(host_dst.data, host_dst.num_tokens, dst_token_begin, staged.data, count,
+                           0, count, src.layout, cudaMemcpyDeviceToHost);
+  }();
+  const cudaError_t synced = cudaDeviceSynchronize();
+  RELAYKV_RETURN_IF_ERROR(queued);
+  RELAYKV_CUDA_TRY(synced);
   return Status::Ok();
 }
 

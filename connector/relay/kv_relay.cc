@@ -162,7 +162,8 @@ Result<ExportResult> KvRelay::Export(const PagedKvCache& cache,
   if (tokens.empty()) return fail(InvalidArgument("nothing to export: no tokens"));
   if (seq_begin < 0) return fail(InvalidArgument("seq_begin must be >= 0"));
   const auto count = static_cast<int32_t>(tokens.size());
-  if (Status s = ValidatePagedRange(cache, block_table, seq_begin, count, /*device=*/false);
+  if (Status s =
+          ValidatePagedRange(cache, block_table, seq_begin, count, /*device=*/cache.on_device);
       !s.ok()) {
     return fail(s);
   }

@@ -61,6 +61,7 @@ PyPagedCache MakePagedCache(const std::vector<nb::object>& k_layers,
   int64_t strides[4] = {0, 0, 0, 0};
   int64_t shape[4] = {0, 0, 0, 0};
   DType dtype = DType::kFloat32;
+  int32_t device_id = 0;  // one GPU holds every layer
   for (int32_t l = 0; l < num_layers; ++l) {
     for (int kv = 0; kv < 2; ++kv) {
       const nb::object& obj = kv == 0 ? k_layers[l] : v_layers[l];
@@ -80,13 +81,14 @@ PyPagedCache MakePagedCache(const std::vector<nb::object>& k_layers,
       const bool on_device = dev == nb::device::cuda::value;
       if (l == 0 && kv == 0) {
         out.view.on_device = on_device;
+        device_id = a.device_id();
         dtype = dt;
         for (int i = 0; i < 4; ++i) {
           shape[i] = static_cast<int64_t>(a.shape(i));
           strides[i] = a.stride(i);
         }
       } else {
-        bool same = dt == dtype && on_device == out.view.on_device;
+        bool same = dt == dtype && on_device == out.view.on_device && a.device_id() == device_id;
         for (int i = 0; i < 4; ++i) {
           same = same && shape[i] == static_cast<int64_t>(a.shape(i)) && strides[i] == a.stride(i);
         }

@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def describe() -> None:
         console.print(f"[bold]strategies[/]: full (prefill everything) vs relay (import every span, K "
                       f"re-rotated; tokens selected at layer {relay.det_layer} recomputed in layers "
-                      f"[{relay.start_layer}, {profile['end_layer']}]; profile {args.profile or DEFAULT_PROFILE}); "
+                      f"[{min(relay.det_layer + 1, relay.start_layer)}, {profile['end_layer']}]; profile {args.profile or DEFAULT_PROFILE}); "
                       f"naive (import, no rectification) for contrast")
 
     all_rows = []

@@ -424,8 +424,9 @@ GUIDELINES = [
 
 def long_system_prompt(inst: Instance, role: str, agent: int, tokens: int) -> str:
     """The agent's role followed by the shared guidelines in an agent-specific order, cut
-    at about `tokens` tokens: agents' prefixes are long, differ from the first token on,
-    and share no span the index could match."""
+    at about `tokens` tokens: agents' prefixes are long and differ from each other (agents
+    that share a role differ after it), so the shared input sits behind a different
+    prefix in every prompt."""
     order = GUIDELINES[agent:] + GUIDELINES[:agent]
     rng = random.Random(agent)
     text, n = role + " Guidelines:", 0
@@ -465,7 +466,11 @@ def run_fully_connected(inst: Instance, task: str, *, num_agents: int = 5, prefi
     from relaykv.rectify import Strategy
 
     strategies = list(strategies) if strategies is not None else [Strategy("naive")]
-    agents = [(AGENTS[i % len(AGENTS)][0], long_system_prompt(inst, AGENTS[i % len(AGENTS)][1], i, prefix_tokens))
+    def name(i: int) -> str:
+        role = AGENTS[i % len(AGENTS)][0]
+        return role if i < len(AGENTS) else f"{role}{i // len(AGENTS) + 1}"
+
+    agents = [(name(i), long_system_prompt(inst, AGENTS[i % len(AGENTS)][1], i, prefix_tokens))
               for i in range(num_agents)]
     shared = shared_input(inst, task, input_tokens)
     rows: list[dict] = []

@@ -267,6 +267,9 @@ def test_det_layer_is_the_earliest_that_ranks_tokens_like_the_rectified_range():
 
     assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([10.0, 20, 30, 40])) == pytest.approx(1.0)
     assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([4.0, 3, 2, 1])) == pytest.approx(-1.0)
+    # Ties share their mean rank: a constant layer says nothing, equal pairs agree fully.
+    assert spearman(torch.zeros(6), torch.arange(6.0)) == 0.0
+    assert spearman(torch.tensor([1.0, 1, 2, 2]), torch.tensor([5.0, 5, 9, 9])) == pytest.approx(1.0)
     g = torch.Generator().manual_seed(0)
     truth = torch.rand(40, generator=g)  # each token's real deviation
     noise = torch.rand(6, 40, generator=g)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from typing import Any
 
 import pytest
@@ -148,6 +149,28 @@ def test_a_request_that_imported_exports_only_its_own_runs(vllm_config: VllmConf
     n = len(save.token_ids)  # what is in the blocks (vLLM may count tokens still in flight)
     assert n >= 63 + 16 and save.token_ids == (prompt + list(range(900, 930)))[:n]
     assert save.runs == [(0, 23), (63, n)]
+
+
+def test_a_local_prefix_hit_is_not_exported_again(vllm_config: VllmConfig) -> None:
+    # vLLM caches blocks a connector filled like computed ones; a later request that hits them
+    # must not publish that (possibly approximate) KV as its own.
+    conn = relay_connector(make_scheduler(vllm_config))
+    answer = list(range(100, 140))
+    export_answer(conn.relay, answer, 10)
+    prompt = list(range(600, 632)) + answer + [7, 8, 9]  # [0, 32) hit the local prefix cache
+    req = make_request("hit", prompt)
+    n, _ = conn.get_num_new_matched_tokens(req, 32)
+    assert n == 72 - 32
+    blocks = types.SimpleNamespace(get_block_ids=lambda: ([0, 1, 2, 3, 4],))
+    conn.update_state_after_alloc(req, blocks, n)
+    req.append_output_token_ids(list(range(900, 920)))
+    req.num_computed_tokens = len(prompt) + 19
+    delay, params = conn.request_finished(req, list(range(6)))
+    assert delay
+    (save,) = conn.build_connector_meta(None).saves  # type: ignore[arg-type]
+    n_kv = len(save.token_ids)
+    assert save.runs == [(72, n_kv)]  # neither the cached [0, 32) nor the imported [32, 72)
+    assert params == {"relaykv": {"export_tokens": n_kv - 72}}
 
 
 def test_nothing_stored_gets_zero(vllm_config: VllmConfig) -> None:

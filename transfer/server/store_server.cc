@@ -298,6 +298,9 @@ struct StoreServer::Impl {
 
   // ---- directory thread ---------------------------------------------------
   void DirectoryLoop();
+  // Carries out queued directory operations in order; ones that could not
+  // reach the directory go to `retry`.
+  void HandleDirOps(std::deque<DirOp>& ops, std::deque<DirOp>& retry, bool& need_republish);
   ServerInfo AnnouncedInfo() const {
     ServerInfo s;
     s.name = info.name;
@@ -422,7 +425,10 @@ void StoreServer::Impl::Loop() {
     fds.push_back({metrics_fd.get(), static_cast<short>(metrics_fd.get() >= 0 ? POLLIN : 0), 0});
     fds.push_back({efd, static_cast<short>(efd >= 0 ? POLLIN : 0), 0});
     for (auto& [fd, c] : conns) {
-      fds.push_back({fd, static_cast<short>(POLLIN | (c.out.empty() ? 0 : POLLOUT)), 0});
+      // A connection waiting on a seal's answer is not read meanwhile: its next
+      // requests stay in the socket (and a flooding client in its own buffers).
+      const short in = c.awaiting_publish ? 0 : POLLIN;
+      fds.push_back({fd, static_cast<short>(in | (c.out.empty() ? 0 : POLLOUT)), 0});
       conn_fds.push_back(fd);
     }
     const int timeout_ms = efd >= 0 ? (armed ? 200 : 0) : 1;
@@ -432,7 +438,6 @@ void StoreServer::Impl::Loop() {
       if (fds[0].revents & POLLIN) {
         uint64_t count;
         (void)!::read(wake_fd.get(), &count, sizeof(count));
-        DeliverCompletions();
       }
       if (fds[1].revents & POLLIN) Accept(listen_fd.get(), false);
       if (fds[2].revents & POLLIN) Accept(metrics_fd.get(), true);
@@ -451,6 +456,9 @@ void StoreServer::Impl::Loop() {
         }
       }
     }
+    // After the poll results are used: a connection it closes frees an fd that
+    // the next accept may reuse, which must not meet this round's revents.
+    DeliverCompletions();
     if (Clock::now() >= next_sweep) {
       store->ReclaimExpired();
       next_sweep = Clock::now() + std::chrono::seconds(1);
@@ -768,17 +776,70 @@ void StoreServer::Impl::HandleHttp(Conn& c) {
 
 // ---- directory thread -----------------------------------------------------------
 
+void StoreServer::Impl::HandleDirOps(std::deque<DirOp>& ops, std::deque<DirOp>& retry,
+                                     bool& need_republish) {
+  // A seal whose record the directory cannot list yet is answered
+  // Unavailable: the record stays and is published once the directory is
+  // back, but its writer must not announce it as readable now.
+  auto not_listed = [](const Status& why) {
+    return Unavailable(std::string("record stored but the directory cannot list it yet (") +
+                       std::string(why.message()) +
+                       "); it is published when the directory is back");
+  };
+  for (DirOp& op : ops) {
+    if (op.kind == DirOp::Kind::kSeal) {
+      auto entry = VerifyAndSeal(std::move(*op.write));
+      op.write.reset();
+      if (!entry.ok()) {
+        CompleteSeal(op.reply_to, entry.status());
+        continue;
+      }
+      op.kind = DirOp::Kind::kPublish;
+      op.entry = std::move(*entry);
+    }
+    if (!directory_up) {
+      CompleteSeal(std::exchange(op.reply_to, 0), not_listed(Unavailable("directory down")));
+      retry.push_back(std::move(op));
+      continue;
+    }
+    Status s = op.kind == DirOp::Kind::kPublish
+                   ? directory->PublishRecord(op.entry)
+                   : directory->RemoveRecord(op.entry.ns, op.entry.id, op.entry.server);
+    if (!s.ok()) {
+      ++directory_errors;
+      if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) {
+        directory_up = false;
+        need_republish = true;
+        CompleteSeal(std::exchange(op.reply_to, 0), not_listed(s));
+        retry.push_back(std::move(op));
+        continue;
+      }
+    }
+    CompleteSeal(op.reply_to, s);
+  }
+  ops.clear();
+}
+
 void StoreServer::Impl::DirectoryLoop() {
   const auto ttl = options.heartbeat * 3;
   auto next_beat = Clock::now();
   std::deque<DirOp> retry;
   bool need_republish = true;
-  while (true) {
+  // What queued up since the last look. Also run between republish batches, so
+  // a seal's answer never waits for a whole republish of a full server.
+  auto drain = [&] {
     std::deque<DirOp> ops;
+    {
+      std::lock_guard<std::mutex> lock(dir_mu);
+      ops.swap(dir_ops);
+    }
+    HandleDirOps(ops, retry, need_republish);
+  };
+  constexpr size_t kRepublishBatch = 64;
+  while (true) {
     {
       std::unique_lock<std::mutex> lock(dir_mu);
       dir_cv.wait_until(lock, next_beat, [&] { return stop.load() || !dir_ops.empty(); });
-      ops.swap(dir_ops);
     }
     if (stop) break;
     if (Clock::now() >= next_beat) {
@@ -788,6 +849,7 @@ void StoreServer::Impl::DirectoryLoop() {
       auto found = directory->FindServer(info.name);
       Status s = found.ok() ? directory->AnnounceServer(AnnouncedInfo(), ttl) : found.status();
       if (s.ok()) {
+        directory_up = true;
         if (!found->has_value()) need_republish = true;
         if (need_republish) {
           std::vector<RecordEntry> all;
@@ -796,11 +858,14 @@ void StoreServer::Impl::DirectoryLoop() {
             all.reserve(published.size());
             for (const auto& [k, e] : published) all.push_back(e);
           }
-          for (const RecordEntry& e : all) {
-            s = directory->PublishRecord(e);
-            if (!s.ok()) break;
+          for (size_t n = 0; n < all.size() && s.ok(); ++n) {
+            s = directory->PublishRecord(all[n]);
+            if (s.ok() && (n + 1) % kRepublishBatch == 0) {
+              drain();
+              if (!directory_up) s = Unavailable("directory lost during the republish");
+            }
           }
-          // Whatever was queued is part of the republish or a removal.
+          // What the retry queue would publish is part of the republish.
           if (s.ok()) {
             need_republish = false;
             std::erase_if(retry, [](const DirOp& op) { return op.kind == DirOp::Kind::kPublish; });
@@ -811,50 +876,13 @@ void StoreServer::Impl::DirectoryLoop() {
         ++directory_errors;
         directory_up = false;
         need_republish = true;
-      } else {
-        directory_up = true;
-        while (!retry.empty()) ops.push_front(std::move(retry.back())), retry.pop_back();
+      } else if (!retry.empty()) {
+        std::deque<DirOp> again;
+        again.swap(retry);
+        HandleDirOps(again, retry, need_republish);
       }
     }
-    // A seal whose record the directory cannot list yet is answered
-    // Unavailable: the record stays and is published once the directory is
-    // back, but its writer must not announce it as readable now.
-    auto not_listed = [](const Status& why) {
-      return Unavailable(std::string("record stored but the directory cannot list it yet (") +
-                         std::string(why.message()) +
-                         "); it is published when the directory is back");
-    };
-    for (DirOp& op : ops) {
-      if (op.kind == DirOp::Kind::kSeal) {
-        auto entry = VerifyAndSeal(std::move(*op.write));
-        op.write.reset();
-        if (!entry.ok()) {
-          CompleteSeal(op.reply_to, entry.status());
-          continue;
-        }
-        op.kind = DirOp::Kind::kPublish;
-        op.entry = std::move(*entry);
-      }
-      if (!directory_up) {
-        CompleteSeal(std::exchange(op.reply_to, 0), not_listed(Unavailable("directory down")));
-        retry.push_back(std::move(op));
-        continue;
-      }
-      Status s = op.kind == DirOp::Kind::kPublish
-                     ? directory->PublishRecord(op.entry)
-                     : directory->RemoveRecord(op.entry.ns, op.entry.id, op.entry.server);
-      if (!s.ok()) {
-        ++directory_errors;
-        if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) {
-          directory_up = false;
-          need_republish = true;
-          CompleteSeal(std::exchange(op.reply_to, 0), not_listed(s));
-          retry.push_back(std::move(op));
-          continue;
-        }
-      }
-      CompleteSeal(op.reply_to, s);
-    }
+    drain();
   }
   // Graceful exit: readers stop being sent here at once rather than after the TTL.
   (void)directory->WithdrawServer(info.name);

@@ -168,8 +168,8 @@ class RelayConnector(KVConnectorBase):
         assert end - start == num_external_tokens, "the engine allocated a different claim"
         # Counted here, not at lookup: a request the pool cannot take yet is looked up again.
         self.metrics["claimed_tokens"] += num_external_tokens
-        self._imported.setdefault(request.request_id, []).extend(
-            (s.dst_offset, s.dst_offset + s.length) for s in spans)
+        # One claim per (re)allocation: a preempted request starts over.
+        self._imported[request.request_id] = [(s.dst_offset, s.dst_offset + s.length) for s in spans]
         self._pending_loads.append(LoadSpec(request.request_id, request.all_token_ids, list(blocks), start, end, spans))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> RelayConnectorMetadata:

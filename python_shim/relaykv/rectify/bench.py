@@ -181,7 +181,7 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
                   + ", ".join(s.label() for s in strategies))
     tasks = (TASKS * (1 + args.tasks // len(TASKS)))[: args.tasks]
     fully = args.shape == "fully-connected"
-    max_new = args.max_new_tokens or (512 if fully else 256)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (512 if fully else 256)
     rows_per_task = args.agents * (2 if fully else 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,10 +49,16 @@ def pick_layers(cos_k: torch.Tensor, cos_v: torch.Tensor, threshold: float) -> d
     return {"start_layer": start, "det_layer": start, "end_layer": end}
 
 
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """0-based ranks; tied values share the mean of their ranks."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    return ((ends - counts.double() + ends - 1) / 2)[inverse]
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Rank correlation of two 1-D tensors (ties broken by order)."""
-    ra = torch.argsort(torch.argsort(a)).double()
-    rb = torch.argsort(torch.argsort(b)).double()
+    """Rank correlation of two 1-D tensors (0 when either is constant)."""
+    ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = float(ra.norm() * rb.norm())
     return float((ra * rb).sum()) / den if den > 0 else 0.0

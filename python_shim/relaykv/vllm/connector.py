@@ -45,9 +45,10 @@ through a small buffer (RelayCache below) instead of scattered in place.
 
 GPU note: on a CUDA KV cache (a relaykv built with CUDA) imports copy the span's
 rows from the record to a staging buffer on the cache's GPU, then scatter and
-re-rotate with the CUDA kernels; exports gather on the GPU and copy back. Both
-synchronise the device before and after (the forward may be in flight on another
-stream), so a claim costs one device sync.
+re-rotate with the CUDA kernels; exports gather on the GPU and copy back. Each
+imported span and each exported run allocates its staging buffer and
+synchronises the device before and after (the forward may be in flight on
+another stream).
 """
 
 from __future__ import annotations
@@ -252,7 +253,10 @@ class RelayKVConnector(KVConnectorBase_V1):
         self._pending_loads: list[RelayLoad] = []
         self._pending_saves: list[RelaySave] = []
         self._exports_in_flight: set[str] = set()
-        self._imported: dict[str, list[tuple[int, int]]] = {}  # request → span ranges it imported
+        # request → position ranges it did not compute itself: its local prefix-cache hit (vLLM caches
+        # blocks a connector filled like computed ones) and the spans of its last claim.
+        self._imported: dict[str, list[tuple[int, int]]] = {}
+        self._cached: dict[str, int] = {}
         # worker side
         self._paged: RelayCache | None = None
         self._kv_cache: Any = None  # relaykv.model.executor.KvCache over the same views
@@ -304,6 +308,7 @@ class RelayKVConnector(KVConnectorBase_V1):
 
     # -- scheduler side ------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._cached[request.request_id] = num_computed_tokens
         if self._exports_in_flight:
             # A request that just finished may hold exactly what this prompt quotes (the relay chain's
             # next agent): ask again once the worker reports its export, one step later.
@@ -334,8 +339,8 @@ class RelayKVConnector(KVConnectorBase_V1):
                                f"{request.request_id}, the claim was {end - start}")
         # Counted here, not at lookup: a request the pool cannot take yet is looked up again.
         self.metrics.hit_tokens.inc(num_external_tokens)
-        self._imported.setdefault(request.request_id, []).extend(
-            (s.dst_offset, s.dst_offset + s.length) for s in spans)
+        # One claim per (re)allocation: a preempted request starts over.
+        self._imported[request.request_id] = [(s.dst_offset, s.dst_offset + s.length) for s in spans]
         # Full-attention models have one KV cache group; its block ids hold every position.
         block_ids = list(blocks.get_block_ids()[0])
         self._pending_loads.append(RelayLoad(request.request_id, list(request.prompt_token_ids or []),
@@ -349,6 +354,9 @@ class RelayKVConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._claims.pop(request.request_id, None)
         imported = self._imported.pop(request.request_id, [])
+        cached = self._cached.pop(request.request_id, 0)
+        if cached:
+            imported.append((0, cached))
         # Tokens whose KV is in the blocks: the last sampled token was never fed back, and with async
         # scheduling a step may still be in flight.
         in_flight = getattr(request, "num_in_flight_tokens", 0) or 0
@@ -360,7 +368,7 @@ class RelayKVConnector(KVConnectorBase_V1):
         self._pending_saves.append(RelaySave(request.request_id, tokens, list(block_ids), runs))
         self._exports_in_flight.add(request.request_id)
         # The blocks stay until the worker's get_finished lists the request (export done or failed).
-        return True, {"relaykv": {"export_tokens": n}}
+        return True, {"relaykv": {"export_tokens": sum(hi - lo for lo, hi in runs)}}
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self._exports_in_flight.difference_update(connector_output.finished_sending or ())

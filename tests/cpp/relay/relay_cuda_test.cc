@@ -205,10 +205,14 @@ TEST(RelayCudaTest, HostMemoryMarkedOnDeviceIsRefusedNotTouched) {
   const auto spans = (*relay)->Lookup(answer);
   ASSERT_EQ(spans.size(), 1u);
   auto r = (*relay)->Import(spans[0], answer, liar.view, table);
-  EXPECT_FALSE(r.ok());
+  ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("not in device memory"), std::string::npos)
+      << r.status().ToString();
   auto e = (*relay)->Export(liar.view, table, Tokens(30, 9), 0);
-  EXPECT_FALSE(e.ok());
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("not in device memory"), std::string::npos)
+      << e.status().ToString();
 }
 
 }  // namespace
