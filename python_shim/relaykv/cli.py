@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--tau-inf", type=float, default=1.5)
     prof.add_argument("--suffix-tokens", type=int, default=8)
     prof.add_argument("--scheme", choices=("layer0", "hidden"), default="layer0")
-    prof.add_argument("--det-min-corr", type=float, default=0.75,
+    prof.add_argument("--det-min-corr", type=float, default=0.85,
                       help="det_layer: the earliest layer whose per-token V deviation has at least this "
                            "rank correlation with the deviation over the rectified layers")
     prof.add_argument("--out", default=str(Path(__file__).parent / "profiles" / "smollm2-135m-instruct.json"))

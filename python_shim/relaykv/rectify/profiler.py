@@ -132,7 +132,7 @@ def calibrate(inst: Any, tasks: Sequence[str], *, max_new_tokens: int = 96,
 
 
 def build_profile(model: str, stats: dict[str, Any], *, threshold: float, tau_dev: float,
-                  tau_inf: float, suffix_tokens: int, scheme: str, det_min_corr: float = 0.75) -> dict[str, Any]:
+                  tau_inf: float, suffix_tokens: int, scheme: str, det_min_corr: float = 0.85) -> dict[str, Any]:
     """The profile JSON. det_layer: pick_det_layer over the calibration relays' deviations
     (with the hidden scheme span tokens start at start_layer, so det_layer stays there)."""
     ck, cv = torch.tensor(stats["cos_k"]), torch.tensor(stats["cos_v"])
