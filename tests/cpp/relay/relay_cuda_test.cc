@@ -13,6 +13,7 @@
 
 #include "connector/kv_ops/paged_kv.h"
 #include "connector/relay/kv_relay.h"
+#include "tests/cpp/relay/relay_test_util.h"
 #include "tests/cpp/testing/cuda_device.h"
 #include "transfer/common/dtype.h"
 
@@ -91,18 +92,10 @@ struct Cache {
 };
 
 std::vector<int32_t> Table(int32_t n, uint32_t seed) {
-  std::vector<int32_t> v(kBlocks);
-  std::iota(v.begin(), v.end(), 0);
-  std::shuffle(v.begin(), v.end(), std::mt19937(seed));
-  v.resize(static_cast<size_t>(n));
-  return v;
+  return testing::ShuffledBlocks(kBlocks, n, seed);
 }
 
-std::vector<int32_t> Tokens(int32_t n, int32_t base) {
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (int32_t i = 0; i < n; ++i) t[i] = base + (i * 7919) % 5003;
-  return t;
-}
+using testing::Tokens;
 
 // [layer][K/V][token][head][dim] of sequence tokens [begin, +count), host cache.
 std::vector<uint16_t> Rows(const PagedKvCache& cache, const std::vector<int32_t>& table,
