@@ -33,7 +33,6 @@ mdir, role = args["model"], args["role"]
 if role == "produce":
     from relaykv.model.tiny import save_vllm_tiny_llama
     save_vllm_tiny_llama(mdir)
-from prometheus_client import REGISTRY
 from vllm import LLM, SamplingParams
 from vllm.config import KVTransferConfig
 common = dict(model=mdir, skip_tokenizer_init=True, dtype="float32", max_model_len=512, block_size=32,
@@ -44,14 +43,7 @@ if args.get("profile"):
     extra["profile_path"] = args["profile"]
 kv = KVTransferConfig(kv_connector="RelayKVConnector", kv_connector_module_path="relaykv.vllm",
                       kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=extra)
-REASONS = ("not_found", "corrupt", "mismatch", "token_mismatch", "invalid", "unavailable", "other")
-def metrics():
-    out = {n: REGISTRY.get_sample_value("relaykv_connector_" + n) or 0.0
-           for n in ("lookups_total", "hit_tokens_total", "imports_total", "exports_total", "export_failures_total",
-                     "rectified_token_ratio_sum")}
-    out["import_failures"] = sum(REGISTRY.get_sample_value("relaykv_connector_import_failures_total",
-                                                           {"reason": r}) or 0 for r in REASONS)
-    return out
+from relaykv.vllm.metrics import counter_values as metrics
 def gen(engine, prompt, n):
     sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
     return list(engine.generate([{"prompt_token_ids": prompt}], sp)[0].outputs[0].token_ids)
@@ -128,7 +120,7 @@ def test_two_vllm_engines_relay_through_the_store_server(tmp_path: Path, strateg
         out_a = a["out_a"]
         assert len(out_a) == 40
         # A's exports reached the store server before process A exited.
-        assert a["metrics"]["exports_total"] >= 1 and a["metrics"]["export_failures_total"] == 0
+        assert a["metrics"]["exports"] >= 1 and a["metrics"]["export_failures"] == 0
 
         prompt_b = sys_b + task + out_a + tail  # A's text behind B's own prefix: re-rotated, gap computed
         prompt_c = sys_a + task + out_a + tail  # A's prompt as prefix: imported at A's own positions
@@ -137,12 +129,12 @@ def test_two_vllm_engines_relay_through_the_store_server(tmp_path: Path, strateg
     assert b["pid"] != a["pid"]
     start, after_b, end = b["metrics_start"], b["metrics_after_b"], b["metrics"]
     # B's process had exported nothing before its first request: what it imported came from process A.
-    assert start["exports_total"] == 0 and start["imports_total"] == 0
-    assert after_b["exports_total"] == 0
-    assert after_b["imports_total"] >= 1 and after_b["hit_tokens_total"] > 0
+    assert start["exports"] == 0 and start["imports"] == 0
+    assert after_b["exports"] == 0
+    assert after_b["imports"] >= 1 and after_b["hit_tokens"] > 0
     # Claimed: up to the quoted span's end (B's prefix is a gap relaykv computes); the last token is vLLM's.
-    assert after_b["hit_tokens_total"] <= len(prompt_b) - 1
-    assert end["imports_total"] >= 2 and end["hit_tokens_total"] > after_b["hit_tokens_total"]
+    assert after_b["hit_tokens"] <= len(prompt_b) - 1
+    assert end["imports"] >= 2 and end["hit_tokens"] > after_b["hit_tokens"]
     assert end["import_failures"] == 0
     # relay recomputed some imported tokens (at least its suffix tokens); naive recomputes none.
     if strategy == "relay":

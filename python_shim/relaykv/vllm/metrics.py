@@ -62,6 +62,18 @@ def _histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return _existing(name)
 
 
+def counter_values() -> dict[str, float]:
+    """This process's connector counters by short name (lookups, hit_tokens, imports, exports,
+    export_failures, import_failures summed over reasons, rectified_token_ratio_sum): what
+    tests and benchmarks compare before and after a request."""
+    out = {n: REGISTRY.get_sample_value(f"relaykv_connector_{n}_total") or 0.0
+           for n in ("lookups", "hit_tokens", "imports", "exports", "export_failures")}
+    out["import_failures"] = sum(REGISTRY.get_sample_value("relaykv_connector_import_failures_total",
+                                                           {"reason": r}) or 0.0 for r in IMPORT_FAILURE_REASONS)
+    out["rectified_token_ratio_sum"] = REGISTRY.get_sample_value("relaykv_connector_rectified_token_ratio_sum") or 0.0
+    return out
+
+
 def connector_metrics() -> ConnectorMetrics:
     """The process's connector metrics, registered on first use."""
     global _metrics

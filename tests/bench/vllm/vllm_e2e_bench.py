@@ -41,7 +41,6 @@ def _tiny_model(mdir: str) -> None:
 
 
 def _engine(args: dict[str, Any]) -> dict[str, Any]:
-    from prometheus_client import REGISTRY
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -54,14 +53,7 @@ def _engine(args: dict[str, Any]) -> dict[str, Any]:
         extra["profile_path"] = args["profile_path"]
     kv = KVTransferConfig(kv_connector="RelayKVConnector", kv_connector_module_path="relaykv.vllm",
                           kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=extra)
-    reasons = ("not_found", "corrupt", "mismatch", "token_mismatch", "invalid", "unavailable", "other")
-
-    def metrics() -> dict[str, float]:
-        out = {n: REGISTRY.get_sample_value(f"relaykv_connector_{n}_total") or 0.0
-               for n in ("hit_tokens", "imports", "exports", "export_failures")}
-        out["import_failures"] = sum(REGISTRY.get_sample_value("relaykv_connector_import_failures_total",
-                                                               {"reason": r}) or 0 for r in reasons)
-        return out
+    from relaykv.vllm.metrics import counter_values as metrics
 
     def gen(engine: Any, prompt: list[int], n: int) -> list[int]:
         sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
