@@ -646,6 +646,24 @@ Status CopyPayloadRows(void* b, int32_t b_tokens, int32_t b_begin, const void* a
   return Status::Ok();
 }
 
+// Runs work(staged) with a `count`-token payload staged on the device that holds
+// `cache`, between two device synchronisations: before, since the cache may be
+// in use on any stream; after, also when `work` fails, so that what it queued
+// finishes before the caller's host memory and the staging buffer go.
+template <typename Work>
+Status WithDeviceStaging(const PagedKvCache& cache, int32_t count, Work work) {
+  RELAYKV_ASSIGN_OR_RETURN(DeviceOf device, DeviceOf::For(cache.k_base[0], "paged cache"));
+  KvPayload staged{nullptr, count, cache.layout, /*on_device=*/true};
+  RELAYKV_ASSIGN_OR_RETURN(DeviceMemory mem, AllocateDevice(static_cast<size_t>(staged.Bytes())));
+  staged.data = mem.get();
+  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
+  const Status queued = work(staged);
+  const cudaError_t synced = cudaDeviceSynchronize();
+  RELAYKV_RETURN_IF_ERROR(queued);
+  RELAYKV_CUDA_TRY(synced);
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status ImportToDeviceCache(const KvPayload& host_src, int32_t src_token_begin, int32_t count,
@@ -662,12 +680,7 @@ Status ImportToDeviceCache(const KvPayload& host_src, int32_t src_token_begin, i
     return InvalidArgument("need one delta or one per token, got " + std::to_string(deltas.size()));
   }
   if (count == 0) return Status::Ok();
-  RELAYKV_ASSIGN_OR_RETURN(DeviceOf device, DeviceOf::For(dst.k_base[0], "paged cache"));
-  KvPayload staged{nullptr, count, dst.layout, /*on_device=*/true};
-  RELAYKV_ASSIGN_OR_RETURN(DeviceMemory mem, AllocateDevice(static_cast<size_t>(staged.Bytes())));
-  staged.data = mem.get();
-  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
-  const Status queued = [&]() -> Status {
+  return WithDeviceStaging(dst, count, [&](const KvPayload& staged) -> Status {
     RELAYKV_RETURN_IF_ERROR(CopyPayloadRows(staged.data, count, 0, host_src.data,
                                             host_src.num_tokens, src_token_begin, count, dst.layout,
                                             cudaMemcpyHostToDevice));
@@ -676,13 +689,7 @@ Status ImportToDeviceCache(const KvPayload& host_src, int32_t src_token_begin, i
       return RerotateKCuda(dst, block_table, seq_begin, count, rope, deltas[0], LayerRange::All());
     }
     return RerotateKPerTokenCuda(dst, block_table, seq_begin, deltas, rope);
-  }();
-  // Also on failure: what was queued finishes before the host record and the
-  // staging buffer go.
-  const cudaError_t synced = cudaDeviceSynchronize();
-  RELAYKV_RETURN_IF_ERROR(queued);
-  RELAYKV_CUDA_TRY(synced);
-  return Status::Ok();
+  });
 }
 
 Status ExportFromDeviceCache(const PagedKvCache& src, std::span<const int32_t> block_table,
@@ -695,20 +702,11 @@ Status ExportFromDeviceCache(const PagedKvCache& src, std::span<const int32_t> b
                            " differs from the cache's " + src.layout.ToString());
   }
   if (count == 0) return Status::Ok();
-  RELAYKV_ASSIGN_OR_RETURN(DeviceOf device, DeviceOf::For(src.k_base[0], "paged cache"));
-  KvPayload staged{nullptr, count, src.layout, /*on_device=*/true};
-  RELAYKV_ASSIGN_OR_RETURN(DeviceMemory mem, AllocateDevice(static_cast<size_t>(staged.Bytes())));
-  staged.data = mem.get();
-  RELAYKV_CUDA_TRY(cudaDeviceSynchronize());
-  const Status queued = [&]() -> Status {
+  return WithDeviceStaging(src, count, [&](const KvPayload& staged) -> Status {
     RELAYKV_RETURN_IF_ERROR(GatherKvCuda(src, block_table, seq_begin, count, staged, 0));
     return CopyPayloadRows(host_dst.data, host_dst.num_tokens, dst_token_begin, staged.data, count,
                            0, count, src.layout, cudaMemcpyDeviceToHost);
-  }();
-  const cudaError_t synced = cudaDeviceSynchronize();
-  RELAYKV_RETURN_IF_ERROR(queued);
-  RELAYKV_CUDA_TRY(synced);
-  return Status::Ok();
+  });
 }
 
 }  // namespace relaykv
