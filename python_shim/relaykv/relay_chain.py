@@ -466,23 +466,24 @@ def run_fully_connected(inst: Instance, task: str, *, num_agents: int = 5, prefi
     from relaykv.rectify import Strategy
 
     strategies = list(strategies) if strategies is not None else [Strategy("naive")]
-    def name(i: int) -> str:
+
+    def role_name(i: int) -> str:
         role = AGENTS[i % len(AGENTS)][0]
         return role if i < len(AGENTS) else f"{role}{i // len(AGENTS) + 1}"
 
-    agents = [(name(i), long_system_prompt(inst, AGENTS[i % len(AGENTS)][1], i, prefix_tokens))
+    agents = [(role_name(i), long_system_prompt(inst, AGENTS[i % len(AGENTS)][1], i, prefix_tokens))
               for i in range(num_agents)]
     shared = shared_input(inst, task, input_tokens)
     rows: list[dict] = []
     answers: list[str] = []
     first_ids = [inst.chat_ids(system, shared + "\n\nYour turn.") for _, system in agents]
+    # Agent 0 exports the shared part of its prompt: what every agent's first prompt ends with.
+    shared_from = len(first_ids[0]) - common_suffix(first_ids[0], first_ids[1]) if num_agents > 1 else None
     for i, (name, _) in enumerate(agents):
         ids = first_ids[i]
         row = {"agent": i, "name": f"{name}-r1", **measure_prompt(inst, ids, strategies if i > 0 else [],
                                                                    repeats=repeats)}
-        # The shared part of the prompt: what every agent's first prompt ends with.
-        tail = common_suffix(ids, first_ids[(i + 1) % num_agents]) if num_agents > 1 else 0
-        row.update(answer(inst, ids, max_new_tokens, export_prompt_from=len(ids) - tail if i == 0 else None))
+        row.update(answer(inst, ids, max_new_tokens, export_prompt_from=shared_from if i == 0 else None))
         answers.append(row["output"])
         rows.append(row)
         if on_agent:

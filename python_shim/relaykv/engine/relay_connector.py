@@ -108,13 +108,9 @@ def exact_runs(num_tokens: int, imported: Sequence[tuple[int, int]], min_tokens:
     are this request's own KV, computed the way its producer's decoding KV always is."""
     runs, at = [], 0
     for lo, hi in sorted(imported):
-        if lo > at and lo - at >= min_tokens:
-            runs.append((at, min(lo, num_tokens)))
+        runs.append((at, min(lo, num_tokens)))
         at = max(at, hi)
-        if at >= num_tokens:
-            break
-    if num_tokens - at >= min_tokens:
-        runs.append((at, num_tokens))
+    runs.append((at, num_tokens))
     return [(lo, hi) for lo, hi in runs if hi - lo >= min_tokens]
 
 
