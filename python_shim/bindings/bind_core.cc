@@ -26,10 +26,10 @@ std::array<PyObject*, 16> g_errors{};
 }  // namespace
 
 void RegisterStatusExceptions(nb::module_& m) {
-  g_base_error = PyErr_NewExceptionWithDoc(
-      "relaykv._relaykv.RelayKVError",
-      "Error raised by the relaykv core; .code names the status code.", PyExc_RuntimeError,
-      nullptr);
+  g_base_error =
+      PyErr_NewExceptionWithDoc("relaykv._relaykv.RelayKVError",
+                                "Error raised by the relaykv core; .code names the status code.",
+                                PyExc_RuntimeError, nullptr);
   m.attr("RelayKVError") = nb::borrow(g_base_error);
   const CodeClass classes[] = {
       {StatusCode::kInvalidArgument, "InvalidArgumentError", PyExc_ValueError},
@@ -47,8 +47,8 @@ void RegisterStatusExceptions(nb::module_& m) {
   };
   for (const CodeClass& c : classes) {
     const std::string qualified = std::string("relaykv._relaykv.") + c.name;
-    PyObject* bases = c.extra_base ? PyTuple_Pack(2, g_base_error, c.extra_base)
-                                   : PyTuple_Pack(1, g_base_error);
+    PyObject* bases =
+        c.extra_base ? PyTuple_Pack(2, g_base_error, c.extra_base) : PyTuple_Pack(1, g_base_error);
     PyObject* cls = PyErr_NewException(qualified.c_str(), bases, nullptr);
     Py_DECREF(bases);
     g_errors[static_cast<size_t>(c.code)] = cls;
@@ -75,7 +75,10 @@ void BindCore(nb::module_& m) {
   RegisterStatusExceptions(m);
 
   m.def(
-      "dtype_names", [] { return std::vector<std::string>{"float32", "float16", "bfloat16"}; },
+      "dtype_names",
+      [] {
+        return std::vector<std::string>{"float32", "float16", "bfloat16"};
+      },
       "The KV element types relaykv moves.");
 
   nb::class_<KvLayout>(m, "KvLayout", "Logical KV layout carried by every record.")
@@ -102,7 +105,8 @@ void BindCore(nb::module_& m) {
           "__init__",
           [](RopeParams* self, float theta, int32_t rotary_dim, const std::string& style,
              const std::string& scaling, float factor, float low_freq_factor,
-             float high_freq_factor, int32_t original_max_position) {
+             float high_freq_factor, int32_t original_max_position, float beta_fast,
+             float beta_slow, float attention_factor, bool truncate) {
             RopeParams p;
             p.theta = theta;
             p.rotary_dim = rotary_dim;
@@ -120,26 +124,43 @@ void BindCore(nb::module_& m) {
               p.scaling = RopeScaling::kLinear;
             } else if (scaling == "llama3") {
               p.scaling = RopeScaling::kLlama3;
+            } else if (scaling == "yarn") {
+              p.scaling = RopeScaling::kYarn;
             } else {
               ThrowIfError(InvalidArgument(
-                  "rope scaling must be 'none', 'linear' or 'llama3', got '" + scaling + "'"));
+                  "rope scaling must be 'none', 'linear', 'llama3' or 'yarn', got '" + scaling +
+                  "'"));
             }
             p.factor = factor;
             p.low_freq_factor = low_freq_factor;
             p.high_freq_factor = high_freq_factor;
             p.original_max_position = original_max_position;
+            p.beta_fast = beta_fast;
+            p.beta_slow = beta_slow;
+            p.attention_factor = attention_factor;
+            p.truncate = truncate;
             new (self) RopeParams(p);
           },
           nb::arg("theta") = 10000.f, nb::arg("rotary_dim") = 0, nb::arg("style") = "neox",
           nb::arg("scaling") = "none", nb::arg("factor") = 1.f, nb::arg("low_freq_factor") = 1.f,
-          nb::arg("high_freq_factor") = 4.f, nb::arg("original_max_position") = 8192)
+          nb::arg("high_freq_factor") = 4.f, nb::arg("original_max_position") = 8192,
+          nb::arg("beta_fast") = 32.f, nb::arg("beta_slow") = 1.f,
+          nb::arg("attention_factor") = 1.f, nb::arg("truncate") = true)
       .def_ro("theta", &RopeParams::theta)
       .def_ro("rotary_dim", &RopeParams::rotary_dim)
       .def_prop_ro("style",
                    [](const RopeParams& p) {
                      return std::string(p.style == RopeStyle::kNeox ? "neox" : "interleaved");
                    })
-      .def("validate", [](const RopeParams& p, int32_t head_size) { ThrowIfError(p.Validate(head_size)); })
+      .def_prop_ro("scaling",
+                   [](const RopeParams& p) {
+                     static const char* kNames[] = {"none", "linear", "llama3", "yarn"};
+                     return std::string(kNames[static_cast<int>(p.scaling) % 4]);
+                   })
+      .def_ro("factor", &RopeParams::factor)
+      .def_ro("attention_factor", &RopeParams::attention_factor)
+      .def("validate",
+           [](const RopeParams& p, int32_t head_size) { ThrowIfError(p.Validate(head_size)); })
       .def("inverse_frequencies", &RopeParams::InverseFrequencies, nb::arg("head_size"))
       .def_prop_ro("fingerprint", &RopeParams::Fingerprint)
       .def("__eq__", [](const RopeParams& a, const RopeParams& b) { return a == b; })

@@ -719,8 +719,15 @@ Result<ForwardOutput> ModelExecutor::Impl::Forward(
 
   // cos/sin once per call, shared by all layers (float32 angles, like transformers).
   const at::Tensor angles = Angles(plan.positions);
-  const at::Tensor cos = angles.cos().to(dtype).unsqueeze(1);
-  const at::Tensor sin = angles.sin().to(dtype).unsqueeze(1);
+  // YaRN scales cos and sin (in float32, before the cast), like transformers.
+  const double cs_scale = config.rope.CosSinScale();
+  at::Tensor cos32 = angles.cos(), sin32 = angles.sin();
+  if (cs_scale != 1.0) {
+    cos32.mul_(cs_scale);
+    sin32.mul_(cs_scale);
+  }
+  const at::Tensor cos = cos32.to(dtype).unsqueeze(1);
+  const at::Tensor sin = sin32.to(dtype).unsqueeze(1);
 
   // The residual stream is updated in place (large CPU allocations are not
   // cached and cost page faults), except while it is the caller's tensor.

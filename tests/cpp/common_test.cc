@@ -132,5 +132,63 @@ TEST(RopeParamsTest, Llama3ScalingMatchesReferenceFormula) {
   EXPECT_NEAR(inv.back(), base_last / 8, 1e-18);
 }
 
+// Qwen3's long-context setting (factor 4 over 32,768 positions, theta 1e6,
+// head 128): low = floor(128 ln(32768 / 64 pi) / 2 ln 1e6) = 23 and
+// high = ceil(128 ln(32768 / 2 pi) / 2 ln 1e6) = 40. Dimensions below 23 keep
+// their frequency, those from 40 are divided by 4, the ones between blend.
+TEST(RopeParamsTest, YarnRampsBetweenKeptAndScaledFrequencies) {
+  RopeParams p;
+  p.theta = 1000000.f;
+  p.scaling = RopeScaling::kYarn;
+  p.factor = 4.f;
+  p.original_max_position = 32768;
+  ASSERT_TRUE(p.Validate(128).ok());
+  const auto inv = p.InverseFrequencies(128);
+  auto base = [](int i) { return std::pow(1000000.0, -2.0 * i / 128); };
+  for (int i = 0; i <= 23; ++i) EXPECT_NEAR(inv[i], base(i), 1e-15) << i;
+  for (int i = 40; i < 64; ++i) EXPECT_NEAR(inv[i], base(i) / 4, 1e-18) << i;
+  const double ramp = (30 - 23) / 17.0;  // dimension 30 of the ramp [23, 40]
+  EXPECT_NEAR(inv[30], base(30) / 4 * ramp + base(30) * (1 - ramp), 1e-15);
+  // Without truncation the ramp is [23.60, 39.65]: dimension 24 is 0.025 of the
+  // way along it instead of 1/17.
+  RopeParams untruncated = p;
+  untruncated.truncate = false;
+  const double ramp24 = (24 - 23.5959476083381) / (39.6508807104171 - 23.5959476083381);
+  EXPECT_NEAR(untruncated.InverseFrequencies(128)[24],
+              base(24) / 4 * ramp24 + base(24) * (1 - ramp24), 1e-12);
+  EXPECT_EQ(p.CosSinScale(), 1.f);  // attention_factor is what the caller sets
+  p.attention_factor = 1.25f;
+  EXPECT_EQ(p.CosSinScale(), 1.25f);
+}
+
+TEST(RopeParamsTest, YarnFieldsAreValidatedAndFingerprintedOnlyForYarn) {
+  RopeParams p;
+  p.scaling = RopeScaling::kYarn;
+  p.factor = 4.f;
+  ASSERT_TRUE(p.Validate(64).ok());
+  RopeParams bad = p;
+  bad.beta_slow = 0.f;
+  EXPECT_FALSE(bad.Validate(64).ok());
+  bad = p;
+  bad.attention_factor = 0.f;
+  EXPECT_FALSE(bad.Validate(64).ok());
+  bad = p;
+  bad.original_max_position = 0;
+  EXPECT_FALSE(bad.Validate(64).ok());
+  RopeParams other = p;
+  other.beta_fast = 16.f;
+  EXPECT_NE(other.Fingerprint(), p.Fingerprint());
+  other = p;
+  other.truncate = false;
+  EXPECT_NE(other.Fingerprint(), p.Fingerprint());
+  // Other scalings ignore the YaRN fields, in the fingerprint as in the frequencies.
+  RopeParams plain, plain_other;
+  plain_other.beta_fast = 16.f;
+  plain_other.attention_factor = 2.f;
+  EXPECT_EQ(plain.Fingerprint(), plain_other.Fingerprint());
+  EXPECT_EQ(plain.InverseFrequencies(64), plain_other.InverseFrequencies(64));
+  EXPECT_EQ(plain_other.CosSinScale(), 1.f);
+}
+
 }  // namespace
 }  // namespace relaykv

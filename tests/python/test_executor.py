@@ -106,6 +106,7 @@ def test_tiny_architectures_use_their_particular_pieces():
     assert configs["qwen2"].qkv_bias and not configs["qwen2"].o_bias
     assert configs["qwen2"].sliding_window_layers == [1, 2]
     assert configs["qwen3"].qk_norm and configs["qwen3"].head_size == 32
+    assert configs["qwen3"].rope.scaling == "yarn" and configs["qwen3"].rope.attention_factor > 1.1
     assert configs["mistral"].sliding_window == 20 and configs["mistral"].layer_window(0) == 20
 
 
@@ -277,11 +278,11 @@ def test_unsupported_architectures_are_named():
 
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
         model_config_from_hf(GPT2Config())
-    with pytest.raises(UnsupportedModelError, match="RoPE type 'yarn'"):
+    with pytest.raises(UnsupportedModelError, match="RoPE type 'longrope'.*yarn"):
         from relaykv.model import tiny_config
 
         cfg = tiny_config("qwen2")
-        cfg.rope_parameters = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0)
+        cfg.rope_parameters = dict(rope_type="longrope", rope_theta=10000.0, factor=4.0)
         model_config_from_hf(cfg)
 
 

@@ -88,6 +88,8 @@ std::string_view ScalingName(RopeScaling s) {
       return "linear";
     case RopeScaling::kLlama3:
       return "llama3";
+    case RopeScaling::kYarn:
+      return "yarn";
   }
   return "unknown";
 }
@@ -218,6 +220,13 @@ void EncodeHeader(const RecordMeta& meta, const RecordGeometry& g, uint8_t* p) {
   Store<float>(p + hf::kRopeLowFreqFactor, meta.rope.low_freq_factor);
   Store<float>(p + hf::kRopeHighFreqFactor, meta.rope.high_freq_factor);
   Store<int32_t>(p + hf::kRopeOriginalMaxPosition, meta.rope.original_max_position);
+  // Zero for every other scaling, so their headers are what they were before YaRN.
+  if (meta.rope.scaling == RopeScaling::kYarn) {
+    Store<uint8_t>(p + hf::kRopeYarnTruncate, meta.rope.truncate ? 1 : 0);
+    Store<float>(p + hf::kRopeBetaFast, meta.rope.beta_fast);
+    Store<float>(p + hf::kRopeBetaSlow, meta.rope.beta_slow);
+    Store<float>(p + hf::kRopeAttentionFactor, meta.rope.attention_factor);
+  }
   Store<uint32_t>(p + hf::kNumTokens, static_cast<uint32_t>(g.num_tokens));
   Store<uint32_t>(p + hf::kTenantSize, static_cast<uint32_t>(meta.tenant.size()));
   Store<uint32_t>(p + hf::kNumHidden, static_cast<uint32_t>(meta.hidden_layers.size()));
@@ -484,8 +493,7 @@ Result<RecordHeader> ParseRecordHeader(const void* data, size_t size) {
     return InvalidArgument("record requires features this reader does not know (flags " +
                            Hex(h.flags & kRecordRequiredFlagsMask) + ")");
   }
-  if (p[hf::kReserved0] != 0 ||
-      !AllZero(p + hf::kReserved1, hf::kHeaderChecksum - hf::kReserved1)) {
+  if (!AllZero(p + hf::kReserved1, hf::kHeaderChecksum - hf::kReserved1)) {
     return InvalidArgument("record header has nonzero reserved bytes");
   }
   h.model_fingerprint = Load<uint64_t>(p + hf::kModelFingerprint);
@@ -501,6 +509,18 @@ Result<RecordHeader> ParseRecordHeader(const void* data, size_t size) {
   h.rope.low_freq_factor = Load<float>(p + hf::kRopeLowFreqFactor);
   h.rope.high_freq_factor = Load<float>(p + hf::kRopeHighFreqFactor);
   h.rope.original_max_position = Load<int32_t>(p + hf::kRopeOriginalMaxPosition);
+  if (h.rope.scaling == RopeScaling::kYarn) {
+    if (p[hf::kRopeYarnTruncate] > 1) {
+      return InvalidArgument("record header rope.truncate must be 0 or 1");
+    }
+    h.rope.truncate = p[hf::kRopeYarnTruncate] == 1;
+    h.rope.beta_fast = Load<float>(p + hf::kRopeBetaFast);
+    h.rope.beta_slow = Load<float>(p + hf::kRopeBetaSlow);
+    h.rope.attention_factor = Load<float>(p + hf::kRopeAttentionFactor);
+  } else if (p[hf::kRopeYarnTruncate] != 0 ||
+             !AllZero(p + hf::kRopeBetaFast, hf::kReserved1 - hf::kRopeBetaFast)) {
+    return InvalidArgument("record header has YaRN fields set but rope.scaling is not yarn");
+  }
   RELAYKV_RETURN_IF_ERROR(h.layout.Validate().WithContext("record header"));
   RELAYKV_RETURN_IF_ERROR(h.rope.Validate(h.layout.head_size).WithContext("record header"));
 
@@ -779,6 +799,26 @@ Status CheckCompatible(const RecordView& record, uint64_t model_fingerprint, con
     if (rr.original_max_position != rope.original_max_position) {
       return mismatch("rope.original_max_position", std::to_string(rr.original_max_position),
                       std::to_string(rope.original_max_position));
+    }
+  }
+  if (rr.scaling == RopeScaling::kYarn) {
+    if (rr.original_max_position != rope.original_max_position) {
+      return mismatch("rope.original_max_position", std::to_string(rr.original_max_position),
+                      std::to_string(rope.original_max_position));
+    }
+    if (rr.beta_fast != rope.beta_fast) {
+      return mismatch("rope.beta_fast", FloatStr(rr.beta_fast), FloatStr(rope.beta_fast));
+    }
+    if (rr.beta_slow != rope.beta_slow) {
+      return mismatch("rope.beta_slow", FloatStr(rr.beta_slow), FloatStr(rope.beta_slow));
+    }
+    if (rr.attention_factor != rope.attention_factor) {
+      return mismatch("rope.attention_factor", FloatStr(rr.attention_factor),
+                      FloatStr(rope.attention_factor));
+    }
+    if (rr.truncate != rope.truncate) {
+      return mismatch("rope.truncate", rr.truncate ? "true" : "false",
+                      rope.truncate ? "true" : "false");
     }
   }
   return Status::Ok();

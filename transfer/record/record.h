@@ -71,7 +71,7 @@ inline constexpr size_t kHeadSize = 40;                 // int32
 inline constexpr size_t kDType = 44;                    // uint8 (DType)
 inline constexpr size_t kRopeStyle = 45;                // uint8 (RopeStyle)
 inline constexpr size_t kRopeScaling = 46;              // uint8 (RopeScaling)
-inline constexpr size_t kReserved0 = 47;                // uint8, zero
+inline constexpr size_t kRopeYarnTruncate = 47;         // uint8, 0/1 (YaRN), else 0
 inline constexpr size_t kRopeTheta = 48;                // float32
 inline constexpr size_t kRopeRotaryDim = 52;            // int32
 inline constexpr size_t kRopeFactor = 56;               // float32
@@ -85,7 +85,10 @@ inline constexpr size_t kHiddenSize = 84;               // uint32, 0 iff no chec
 inline constexpr size_t kSections = 88;                 // 7 x {uint64 offset, uint64 size}
 inline constexpr size_t kTotalSize = 200;               // uint64
 inline constexpr size_t kMetaChecksum = 208;            // uint64
-inline constexpr size_t kReserved1 = 216;               // 32 bytes, zero
+inline constexpr size_t kRopeBetaFast = 216;            // float32 (YaRN), else 0
+inline constexpr size_t kRopeBetaSlow = 220;            // float32 (YaRN), else 0
+inline constexpr size_t kRopeAttentionFactor = 224;     // float32 (YaRN), else 0
+inline constexpr size_t kReserved1 = 228;               // 20 bytes, zero
 inline constexpr size_t kHeaderChecksum = 248;          // uint64, xxhash64 of [0, 248)
 }  // namespace record_header
 

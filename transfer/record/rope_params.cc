@@ -2,6 +2,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numbers>
@@ -18,7 +19,7 @@ Status RopeParams::Validate(int32_t head_size) const {
                            std::to_string(head_size) + "], got " + std::to_string(rotary_dim));
   }
   if (static_cast<uint8_t>(style) > 1) return InvalidArgument("rope.style has an unknown code");
-  if (static_cast<uint8_t>(scaling) > 2) return InvalidArgument("rope.scaling has an unknown code");
+  if (static_cast<uint8_t>(scaling) > 3) return InvalidArgument("rope.scaling has an unknown code");
   if (scaling != RopeScaling::kNone && !(factor > 0.f)) {
     return InvalidArgument("rope.factor must be > 0 when scaling is set");
   }
@@ -27,6 +28,18 @@ Status RopeParams::Validate(int32_t head_size) const {
       return InvalidArgument(
           "llama3 rope scaling needs high_freq_factor > low_freq_factor and "
           "original_max_position > 0");
+    }
+  }
+  if (scaling == RopeScaling::kYarn) {
+    // The ramp's ends are log(original_max_position / (2 pi beta)); both must be defined.
+    if (original_max_position <= 0 || !(beta_fast > 0.f) || !(beta_slow > 0.f) ||
+        !std::isfinite(beta_fast) || !std::isfinite(beta_slow)) {
+      return InvalidArgument(
+          "yarn rope scaling needs original_max_position > 0 and finite beta_fast, beta_slow > 0");
+    }
+    if (!(attention_factor > 0.f) || !std::isfinite(attention_factor)) {
+      return InvalidArgument("yarn rope.attention_factor must be finite and > 0, got " +
+                             std::to_string(attention_factor));
     }
   }
   return Status::Ok();
@@ -54,6 +67,29 @@ std::vector<double> RopeParams::InverseFrequencies(int32_t head_size) const {
         f = (1.0 - smooth) * f / factor + smooth * f;
       }
     }
+  } else if (scaling == RopeScaling::kYarn) {
+    // Dimensions turning fewer than beta_slow times over the original context
+    // are interpolated (divided by factor), more than beta_fast times kept, and
+    // a linear ramp blends the ones between (YaRN, arXiv 2309.00071).
+    const double log_theta = std::log(static_cast<double>(theta));
+    auto correction_dim = [&](double rotations) {
+      return rd * std::log(original_max_position / (rotations * 2.0 * std::numbers::pi)) /
+             (2.0 * log_theta);
+    };
+    double low = correction_dim(beta_fast);
+    double high = correction_dim(beta_slow);
+    if (truncate) {
+      low = std::floor(low);
+      high = std::ceil(high);
+    }
+    low = std::max(low, 0.0);
+    high = std::min(high, static_cast<double>(rd - 1));
+    if (low == high) high += 0.001;
+    for (int32_t i = 0; i < rd / 2; ++i) {
+      const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+      const double keep = 1.0 - ramp;  // weight of the unscaled frequency
+      inv[i] = inv[i] / factor * (1.0 - keep) + inv[i] * keep;
+    }
   }
   return inv;
 }
@@ -68,15 +104,24 @@ uint64_t RopeParams::Fingerprint() const {
   std::memcpy(buf + 14, &low_freq_factor, 4);
   std::memcpy(buf + 18, &high_freq_factor, 4);
   std::memcpy(buf + 22, &original_max_position, 4);
-  return XXH64(buf, sizeof(buf), /*seed=*/0x726f7065ULL);
+  // YaRN's fields are hashed only for YaRN, so other fingerprints are unchanged.
+  if (scaling != RopeScaling::kYarn) return XXH64(buf, sizeof(buf), /*seed=*/0x726f7065ULL);
+  uint8_t yarn[sizeof(buf) + 13];
+  std::memcpy(yarn, buf, sizeof(buf));
+  std::memcpy(yarn + 26, &beta_fast, 4);
+  std::memcpy(yarn + 30, &beta_slow, 4);
+  std::memcpy(yarn + 34, &attention_factor, 4);
+  yarn[38] = truncate ? 1 : 0;
+  return XXH64(yarn, sizeof(yarn), /*seed=*/0x726f7065ULL);
 }
 
 std::string RopeParams::ToString() const {
   static const char* kStyles[] = {"neox", "interleaved"};
-  static const char* kScalings[] = {"none", "linear", "llama3"};
-  return "RopeParams(theta=" + std::to_string(theta) + ", rotary_dim=" +
-         std::to_string(rotary_dim) + ", style=" + kStyles[static_cast<int>(style) & 1] +
-         ", scaling=" + kScalings[static_cast<int>(scaling) % 3] + ")";
+  static const char* kScalings[] = {"none", "linear", "llama3", "yarn"};
+  return "RopeParams(theta=" + std::to_string(theta) +
+         ", rotary_dim=" + std::to_string(rotary_dim) +
+         ", style=" + kStyles[static_cast<int>(style) & 1] +
+         ", scaling=" + kScalings[static_cast<int>(scaling) % 4] + ")";
 }
 
 }  // namespace relaykv

@@ -22,6 +22,7 @@ enum class RopeScaling : uint8_t {
   kNone = 0,
   kLinear = 1,  // inv_freq / factor
   kLlama3 = 2,  // Llama 3.x frequency-dependent scaling
+  kYarn = 3,    // YaRN (Qwen2.5/Qwen3 long context): ramp between interpolation and extrapolation
 };
 
 struct RopeParams {
@@ -33,6 +34,15 @@ struct RopeParams {
   float low_freq_factor = 1.f;
   float high_freq_factor = 4.f;
   int32_t original_max_position = 8192;
+  // YaRN only. attention_factor multiplies cos and sin, so it is part of every
+  // stored K; a re-rotation is a pure rotation and leaves it as it is.
+  float beta_fast = 32.f;
+  float beta_slow = 1.f;
+  float attention_factor = 1.f;
+  bool truncate = true;  // round the ramp's ends to whole dimensions, as transformers and vLLM do
+
+  // The factor on cos/sin when the model applies RoPE (1 unless YaRN).
+  float CosSinScale() const { return scaling == RopeScaling::kYarn ? attention_factor : 1.f; }
 
   Status Validate(int32_t head_size) const;
   // rotary_dim/2 inverse frequencies (radians per position), in double so a

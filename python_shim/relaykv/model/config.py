@@ -6,6 +6,7 @@ a message naming what is supported, before any weight is touched.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from relaykv import _relaykv as core
@@ -17,7 +18,7 @@ SUPPORTED_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class UnsupportedModelError(ValueError):
@@ -63,7 +64,37 @@ def _rope(hf: Any, head_dim: int) -> core.RopeParams:
                 params.get("original_max_position_embeddings", hf.max_position_embeddings)
             ),
         )
+    elif rope_type == "yarn":
+        kwargs.update(_yarn(hf, params))
     return core.RopeParams(**kwargs)
+
+
+def _yarn(hf: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """YaRN's fields, with the defaults and the attention factor transformers derives."""
+    original = params.get("original_max_position_embeddings")
+    if original is None:
+        raise UnsupportedModelError("yarn RoPE needs original_max_position_embeddings in rope_parameters")
+    factor = params.get("factor")
+    if factor is None:  # DeepSeek-style configs give the lengths instead of the factor
+        factor = hf.max_position_embeddings / original
+    factor = float(factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return dict(
+        scaling="yarn",
+        factor=factor,
+        original_max_position=int(original),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=float(attention_factor),
+        truncate=bool(params.get("truncate", True)),
+    )
 
 
 def model_config_from_hf(hf: Any) -> core.ModelConfig:

@@ -23,8 +23,8 @@ def tiny_config(arch: str, **overrides: Any) -> Any:
     Each architecture turns on what is particular to it, so one test per
     architecture covers every optional piece of the executor: Llama gets tied
     embeddings, attention and MLP biases and llama3 RoPE scaling; Qwen2 q/k/v
-    bias and a sliding window on its upper layers; Qwen3 q/k norm and a head
-    size unrelated to hidden/heads; Mistral a sliding window and linear RoPE
+    bias and a sliding window on its upper layers; Qwen3 q/k norm, a head
+    size unrelated to hidden/heads and YaRN RoPE scaling; Mistral a sliding window and linear RoPE
     scaling.
     """
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -62,8 +62,11 @@ def tiny_config(arch: str, **overrides: Any) -> Any:
                       rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
         cls = Qwen2Config
     elif arch == "qwen3":
-        common.update(head_dim=32, num_key_value_heads=1,
-                      rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+        # Qwen3's long-context setting: YaRN over a short original context, so
+        # the ramp between scaled and unscaled frequencies falls inside the head.
+        common.update(head_dim=32, num_key_value_heads=1, max_position_embeddings=1024,
+                      rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=4.0,
+                                           original_max_position_embeddings=256))
         cls = Qwen3Config
     elif arch == "mistral":
         common.update(sliding_window=20,

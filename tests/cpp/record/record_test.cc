@@ -246,6 +246,32 @@ TEST(RecordFormatTest, HeaderFieldsSitWhereTheFormatSays) {
       << std::hex << Get<uint64_t>(b, hf::kHeaderChecksum);
 }
 
+TEST(RecordFormatTest, YarnFieldsRoundTripWhereTheFormatSays) {
+  RecordMeta m = MakeMeta(DType::kFloat32, false);
+  m.rope.scaling = RopeScaling::kYarn;
+  m.rope.factor = 4.f;
+  m.rope.original_max_position = 256;
+  m.rope.beta_fast = 16.f;
+  m.rope.beta_slow = 2.f;
+  m.rope.attention_factor = 1.25f;
+  m.rope.truncate = false;
+  const std::vector<uint8_t> b = Build(m, MakeContents(m, 2));
+  EXPECT_EQ(b[hf::kRopeScaling], 3);
+  EXPECT_EQ(b[hf::kRopeYarnTruncate], 0);
+  EXPECT_EQ(Get<float>(b, hf::kRopeBetaFast), 16.f);
+  EXPECT_EQ(Get<float>(b, hf::kRopeBetaSlow), 2.f);
+  EXPECT_EQ(Get<float>(b, hf::kRopeAttentionFactor), 1.25f);
+  auto v = ParseRecord(b.data(), b.size());
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(v->meta().rope, m.rope);
+  m.rope.truncate = true;
+  const std::vector<uint8_t> t = Build(m, MakeContents(m, 2));
+  EXPECT_EQ(t[hf::kRopeYarnTruncate], 1);
+  auto vt = ParseRecord(t.data(), t.size());
+  ASSERT_TRUE(vt.ok()) << vt.status().ToString();
+  EXPECT_EQ(vt->meta().rope, m.rope);
+}
+
 TEST(RecordFormatTest, HeaderAloneIsEnoughToLearnTheShape) {
   const RecordMeta m = MakeMeta(DType::kFloat16, true);
   const Contents c = MakeContents(m, 4);
@@ -441,6 +467,36 @@ TEST_F(CraftedRecordTest, ReservedBytes) {
   bytes_[hf::kReserved1 + 3] = 1;
   ResealHeader(bytes_);
   EXPECT_STATUS(Parse(), StatusCode::kInvalidArgument, "reserved");
+}
+
+// The YaRN fields were reserved bytes before; a record that is not YaRN must
+// still have them zero, so a reader never silently ignores a set field.
+TEST_F(CraftedRecordTest, YarnFieldsOnARecordThatIsNotYarn) {
+  bytes_[hf::kRopeYarnTruncate] = 1;
+  ResealHeader(bytes_);
+  EXPECT_STATUS(Parse(), StatusCode::kInvalidArgument, "YaRN fields set");
+  bytes_[hf::kRopeYarnTruncate] = 0;
+  Put<float>(bytes_, hf::kRopeAttentionFactor, 1.5f);
+  ResealHeader(bytes_);
+  EXPECT_STATUS(Parse(), StatusCode::kInvalidArgument, "YaRN fields set");
+}
+
+TEST_F(CraftedRecordTest, YarnTruncateIsABoolean) {
+  bytes_[hf::kRopeScaling] = 3;
+  Put<float>(bytes_, hf::kRopeFactor, 4.f);
+  Put<float>(bytes_, hf::kRopeBetaFast, 32.f);
+  Put<float>(bytes_, hf::kRopeBetaSlow, 1.f);
+  Put<float>(bytes_, hf::kRopeAttentionFactor, 1.f);
+  bytes_[hf::kRopeYarnTruncate] = 1;
+  ResealHeader(bytes_);
+  EXPECT_TRUE(Parse().ok()) << Parse().ToString();
+  bytes_[hf::kRopeYarnTruncate] = 2;
+  ResealHeader(bytes_);
+  EXPECT_STATUS(Parse(), StatusCode::kInvalidArgument, "rope.truncate must be 0 or 1");
+  bytes_[hf::kRopeYarnTruncate] = 1;
+  Put<float>(bytes_, hf::kRopeBetaSlow, 0.f);
+  ResealHeader(bytes_);
+  EXPECT_STATUS(Parse(), StatusCode::kInvalidArgument, "record header: yarn rope scaling");
 }
 
 TEST_F(CraftedRecordTest, ZeroTokens) {
@@ -761,6 +817,44 @@ TEST(CompatibleScalingTest, ScalingParametersAreComparedWhenUsed) {
   r.original_max_position = 4096;
   EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
                 "record rope.original_max_position mismatch: record 8192, expected 4096");
+}
+
+TEST(CompatibleScalingTest, YarnParametersAreCompared) {
+  RecordMeta m = MakeMeta(DType::kFloat32, false);
+  m.rope.scaling = RopeScaling::kYarn;
+  m.rope.factor = 4.f;
+  m.rope.attention_factor = 1.125f;
+  const std::vector<uint8_t> b = Build(m, MakeContents(m, 2));
+  auto v = ParseRecord(b.data(), b.size());
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  auto check = [&](const RopeParams& r) {
+    return CheckCompatible(*v, m.model_fingerprint, m.layout, r, m.tenant);
+  };
+  EXPECT_TRUE(check(m.rope).ok());
+  RopeParams r = m.rope;
+  r.beta_fast = 16.f;
+  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
+                "record rope.beta_fast mismatch: record 32, expected 16");
+  r = m.rope;
+  r.beta_slow = 2.f;
+  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
+                "record rope.beta_slow mismatch: record 1, expected 2");
+  r = m.rope;
+  r.attention_factor = 1.f;
+  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
+                "record rope.attention_factor mismatch: record 1.125, expected 1");
+  r = m.rope;
+  r.truncate = false;
+  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
+                "record rope.truncate mismatch: record true, expected false");
+  r = m.rope;
+  r.original_max_position = 4096;
+  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
+                "record rope.original_max_position mismatch: record 8192, expected 4096");
+  r = m.rope;
+  r.scaling = RopeScaling::kLlama3;
+  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
+                "record rope.scaling mismatch: record yarn, expected llama3");
 }
 
 }  // namespace
