@@ -8,6 +8,9 @@
 //                                  child's registered region;
 // and, per UCX wire, the fixed cost of a 4 KB record: write + notify
 // (flush, active message) + the peer's reply, median µs.
+// Where a CUDA device is usable (built with CUDA), also device-to-device
+// cudaMemcpy and UCX between GPU buffers of two processes (cuda_ipc, and tcp
+// staged through cuda_copy), in the same run.
 // One JSON object per line on stdout.
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -27,6 +30,9 @@
 #include "tests/cpp/transport/peer_util.h"
 #include "transfer/store/segment_allocator.h"
 #include "transfer/transport/ucx_transport.h"
+#ifdef RELAYKV_BENCH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace relaykv {
 namespace {
@@ -43,9 +49,12 @@ void Report(const char* path, const char* op, uint64_t size, const std::vector<d
   bench::Report("transport", path, op, size, secs);
 }
 
-void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf) {
+// `buf` is kMax bytes of `kind` memory; `peer_memory` is "host" or "cuda".
+void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf,
+              MemoryKind kind = MemoryKind::kHost, const char* peer_memory = "host") {
   auto transport = UcxTransport::Create(UcxTransportOptions::WithTls(tls, peer_errors));
-  auto peer = testing::PeerProcess::Spawn(RELAYKV_TRANSPORT_PEER, tls, kMax, peer_errors);
+  auto peer =
+      testing::PeerProcess::Spawn(RELAYKV_TRANSPORT_PEER, tls, kMax, peer_errors, peer_memory);
   if (!transport.ok() || !peer.ok()) {
     JsonLine("transport")
         .Str("path", path)
@@ -61,7 +70,7 @@ void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf)
     return;
   }
   // Registering the source too lets UCX use zero-copy without a lookup per op.
-  auto local_reg = (*transport)->RegisterMemory(buf, kMax, MemoryKind::kHost);
+  auto local_reg = (*transport)->RegisterMemory(buf, kMax, kind);
   const auto timeout = std::chrono::seconds(30);
   for (const char* op : {"write", "read"}) {
     const bool write = std::strcmp(op, "write") == 0;
@@ -116,6 +125,41 @@ void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf)
   ep->reset();
 }
 
+#ifdef RELAYKV_BENCH_CUDA
+// The GPU rows: d2d cudaMemcpy (the ceiling) and UCX GPU-to-GPU between two
+// processes. Nothing is printed without a device (the CPU rows stand alone).
+void BenchCuda() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    JsonLine("transport").Str("path", "cuda").Str("skipped", "no CUDA device").Print();
+    return;
+  }
+  uint8_t *src = nullptr, *dst = nullptr;
+  if (cudaMalloc(reinterpret_cast<void**>(&src), kMax) != cudaSuccess ||
+      cudaMalloc(reinterpret_cast<void**>(&dst), kMax) != cudaSuccess) {
+    JsonLine("transport").Str("path", "cuda").Str("error", "cudaMalloc failed").Print();
+    cudaFree(src);
+    return;
+  }
+  cudaMemset(src, 0x5a, kMax);
+  for (uint64_t size : kSizes) {
+    std::vector<double> t;
+    for (int i = 0; i < Reps(size) + 1; ++i) {
+      const double t0 = NowSeconds();
+      cudaMemcpy(dst, src, size, cudaMemcpyDeviceToDevice);
+      cudaDeviceSynchronize();
+      if (i > 0) t.push_back(NowSeconds() - t0);
+    }
+    Report("cuda_memcpy_d2d", "copy", size, t);
+  }
+  cudaFree(dst);
+  BenchUcx("ucx_cuda_ipc", "cuda_ipc,cuda_copy,tcp", false, src, MemoryKind::kCudaDevice, "cuda");
+  BenchUcx("ucx_tcp_cuda_staged", "tcp,cuda_copy", true, src, MemoryKind::kCudaDevice, "cuda");
+  cudaFree(src);
+}
+#endif
+
 }  // namespace
 }  // namespace relaykv
 
@@ -130,5 +174,9 @@ int main() {
   dst.reset();
   BenchUcx("ucx_tcp", "tcp", true, reinterpret_cast<uint8_t*>(src->base()));
   BenchUcx("ucx_shm", "posix,sysv,cma", false, reinterpret_cast<uint8_t*>(src->base()));
+#ifdef RELAYKV_BENCH_CUDA
+  src.reset();
+  BenchCuda();
+#endif
   return 0;
 }

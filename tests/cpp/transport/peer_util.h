@@ -88,12 +88,13 @@ inline Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout) 
   return out;
 }
 
-// The peer child: transport_peer <fd> <tls> <bytes> peer|nopeer. It answers with frames
+// The peer child: transport_peer <fd> <tls> <bytes> peer|nopeer host|cuda. It answers with frames
 // "OK" (or "ERR <why>"), its transport address, its region's descriptor.
 class PeerProcess {
  public:
   static Result<std::unique_ptr<PeerProcess>> Spawn(const std::string& exe, const std::string& tls,
-                                                    uint64_t bytes, bool peer_errors = true) {
+                                                    uint64_t bytes, bool peer_errors = true,
+                                                    const std::string& memory = "host") {
     int sv[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return Internal("socketpair failed");
     const std::string fd_arg = std::to_string(sv[1]);
@@ -103,7 +104,7 @@ class PeerProcess {
     if (pid == 0) {
       ::close(sv[0]);
       ::execl(exe.c_str(), exe.c_str(), fd_arg.c_str(), tls.c_str(), bytes_arg.c_str(),
-              peer_errors ? "peer" : "nopeer", nullptr);
+              peer_errors ? "peer" : "nopeer", memory.c_str(), nullptr);
       _exit(127);
     }
     ::close(sv[1]);

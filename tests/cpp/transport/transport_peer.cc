@@ -1,9 +1,8 @@
-// transport_peer <fd> <tls> <bytes> peer|nopeer: the target side of the two-process
-// transport tests and benchmark. Registers a region of <bytes> bytes filled
-// with PatternByte(i, 7), hands its address and descriptor to the parent over
-// the socket <fd>, receives the parent's address, then serves: it drives UCX
-// progress (tcp RMA is emulated by the target's CPU) and answers
-// notifications over UCX:
+// transport_peer <fd> <tls> <bytes> peer|nopeer [host|cuda]: the target side of
+// the two-process transport tests and benchmark. Registers a region of <bytes>
+// bytes (host memory, or GPU memory with "cuda") filled with PatternByte(i, 7), hands its address
+// and descriptor to the parent over the socket <fd>, receives the parent's address, then serves: it
+// drives UCX progress (tcp RMA is emulated by the target's CPU) and answers notifications over UCX:
 //   "verify <offset> <length> <seed>" -> "ok" or "bad <index>"
 //   "ping"                             -> "pong"
 // It exits when the parent sends "exit" or closes the socket.
@@ -11,11 +10,16 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <sstream>
+#include <vector>
 
 #include "tests/cpp/transport/peer_util.h"
 #include "transfer/store/segment_allocator.h"
 #include "transfer/transport/ucx_transport.h"
+#ifdef RELAYKV_PEER_CUDA
+#include <cuda_runtime.h>
+#endif
 
 using namespace relaykv;  // NOLINT: a tiny executable
 using relaykv::testing::RecvFrame;
@@ -28,13 +32,88 @@ int Fail(int fd, const Status& s) {
   return 2;
 }
 
+// The served bytes: a host segment, or a cudaMalloc'd buffer that is filled
+// and checked through a host copy (only the peer's CPU looks at it this way;
+// the transport moves it as device memory).
+class Region {
+ public:
+  static Result<Region> Create(uint64_t bytes, bool cuda) {
+    Region r;
+    r.bytes_ = bytes;
+    if (!cuda) {
+      RELAYKV_ASSIGN_OR_RETURN(r.segment_,
+                               Segment::Create(bytes, 4096, MemoryKind::kHost, /*populate=*/true));
+      r.base_ = reinterpret_cast<uint8_t*>(r.segment_->base());
+      return r;
+    }
+#ifdef RELAYKV_PEER_CUDA
+    void* p = nullptr;
+    if (cudaError_t e = cudaMalloc(&p, bytes); e != cudaSuccess) {
+      return Unavailable(std::string("cudaMalloc: ") + cudaGetErrorString(e));
+    }
+    r.device_.reset(p);
+    r.base_ = static_cast<uint8_t*>(p);
+    return r;
+#else
+    return Unimplemented("transport_peer was built without CUDA");
+#endif
+  }
+  uint8_t* base() const { return base_; }
+  MemoryKind kind() const { return device_ ? MemoryKind::kCudaDevice : MemoryKind::kHost; }
+
+  Status Fill(uint32_t seed) {
+    if (!device_) {
+      relaykv::testing::FillPattern(base_, bytes_, 0, seed);
+      return Status::Ok();
+    }
+    std::vector<uint8_t> host(bytes_);
+    relaykv::testing::FillPattern(host.data(), bytes_, 0, seed);
+    return Copy(base_, host.data(), bytes_);
+  }
+  // Index of the first wrong byte in [off, off + len), or -1.
+  Result<int64_t> Check(uint64_t off, uint64_t len, uint32_t seed) {
+    if (!device_) return relaykv::testing::CheckPattern(base_ + off, len, off, seed);
+    std::vector<uint8_t> host(len);
+    RELAYKV_RETURN_IF_ERROR(Copy(host.data(), base_ + off, len));
+    return relaykv::testing::CheckPattern(host.data(), len, off, seed);
+  }
+
+ private:
+  static Status Copy(void* dst, const void* src, uint64_t n) {
+#ifdef RELAYKV_PEER_CUDA
+    if (cudaError_t e = cudaMemcpy(dst, src, n, cudaMemcpyDefault); e != cudaSuccess) {
+      return Internal(std::string("cudaMemcpy: ") + cudaGetErrorString(e));
+    }
+    return Status::Ok();
+#else
+    (void)dst, (void)src, (void)n;
+    return Unimplemented("transport_peer was built without CUDA");
+#endif
+  }
+  struct CudaFree {
+    void operator()(void* p) const {
+#ifdef RELAYKV_PEER_CUDA
+      cudaFree(p);
+#else
+      (void)p;
+#endif
+    }
+  };
+
+  uint64_t bytes_ = 0;
+  std::unique_ptr<Segment> segment_;
+  std::unique_ptr<void, CudaFree> device_;
+  uint8_t* base_ = nullptr;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: %s <fd> <tls> <bytes> peer|nopeer\n", argv[0]);
+  if (argc != 5 && argc != 6) {
+    std::fprintf(stderr, "usage: %s <fd> <tls> <bytes> peer|nopeer [host|cuda]\n", argv[0]);
     return 64;
   }
+  const bool cuda = argc == 6 && std::string(argv[5]) == "cuda";
   const int fd = std::atoi(argv[1]);
   const std::string tls = argv[2];
   const uint64_t bytes = std::strtoull(argv[3], nullptr, 10);
@@ -42,11 +121,10 @@ int main(int argc, char** argv) {
   auto transport =
       UcxTransport::Create(UcxTransportOptions::WithTls(tls, std::string(argv[4]) == "peer"));
   if (!transport.ok()) return Fail(fd, transport.status());
-  auto segment = Segment::Create(bytes, 4096, MemoryKind::kHost, /*populate=*/true);
-  if (!segment.ok()) return Fail(fd, segment.status());
-  auto* base = reinterpret_cast<uint8_t*>((*segment)->base());
-  relaykv::testing::FillPattern(base, bytes, 0, 7);
-  auto reg = (*transport)->RegisterMemory(base, bytes, MemoryKind::kHost);
+  auto region = Region::Create(bytes, cuda);
+  if (!region.ok()) return Fail(fd, region.status());
+  if (Status s = region->Fill(7); !s.ok()) return Fail(fd, s);
+  auto reg = (*transport)->RegisterMemory(region->base(), bytes, region->kind());
   if (!reg.ok()) return Fail(fd, reg.status());
   auto addr = (*transport)->LocalAddress();
   if (!addr.ok()) return Fail(fd, addr.status());
@@ -74,8 +152,10 @@ int main(int argc, char** argv) {
         if (verb != "verify" || off + len > bytes) {
           reply = "bad request";
         } else {
-          int64_t bad = relaykv::testing::CheckPattern(base + off, len, off, seed);
-          reply = bad < 0 ? "ok" : "bad " + std::to_string(bad);
+          auto bad = region->Check(off, len, seed);
+          reply = !bad.ok()  ? "error " + bad.status().ToString()
+                  : *bad < 0 ? "ok"
+                             : "bad " + std::to_string(*bad);
         }
       }
       if (!back) {
