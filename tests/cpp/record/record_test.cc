@@ -4,10 +4,12 @@
 #include <xxhash.h>
 
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "transfer/common/dtype.h"
@@ -831,30 +833,25 @@ TEST(CompatibleScalingTest, YarnParametersAreCompared) {
     return CheckCompatible(*v, m.model_fingerprint, m.layout, r, m.tenant);
   };
   EXPECT_TRUE(check(m.rope).ok());
-  RopeParams r = m.rope;
-  r.beta_fast = 16.f;
-  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
-                "record rope.beta_fast mismatch: record 32, expected 16");
-  r = m.rope;
-  r.beta_slow = 2.f;
-  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
-                "record rope.beta_slow mismatch: record 1, expected 2");
-  r = m.rope;
-  r.attention_factor = 1.f;
-  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
-                "record rope.attention_factor mismatch: record 1.125, expected 1");
-  r = m.rope;
-  r.truncate = false;
-  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
-                "record rope.truncate mismatch: record true, expected false");
-  r = m.rope;
-  r.original_max_position = 4096;
-  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
-                "record rope.original_max_position mismatch: record 8192, expected 4096");
-  r = m.rope;
-  r.scaling = RopeScaling::kLlama3;
-  EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition,
-                "record rope.scaling mismatch: record yarn, expected llama3");
+  // One changed field each, and the message that must name it.
+  const std::vector<std::pair<std::function<void(RopeParams&)>, std::string>> cases = {
+      {[](RopeParams& r) { r.beta_fast = 16.f; },
+       "rope.beta_fast mismatch: record 32, expected 16"},
+      {[](RopeParams& r) { r.beta_slow = 2.f; }, "rope.beta_slow mismatch: record 1, expected 2"},
+      {[](RopeParams& r) { r.attention_factor = 1.f; },
+       "rope.attention_factor mismatch: record 1.125, expected 1"},
+      {[](RopeParams& r) { r.truncate = false; },
+       "rope.truncate mismatch: record true, expected false"},
+      {[](RopeParams& r) { r.original_max_position = 4096; },
+       "rope.original_max_position mismatch: record 8192, expected 4096"},
+      {[](RopeParams& r) { r.scaling = RopeScaling::kLlama3; },
+       "rope.scaling mismatch: record yarn, expected llama3"},
+  };
+  for (const auto& [change, message] : cases) {
+    RopeParams r = m.rope;
+    change(r);
+    EXPECT_STATUS(check(r), StatusCode::kFailedPrecondition, message);
+  }
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -86,6 +87,17 @@ inline Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout) 
   std::string out(n, '\0');
   RELAYKV_RETURN_IF_ERROR(ReadExact(fd, out.data(), n, deadline));
   return out;
+}
+
+// One UCX configuration of the two-process tests: UCX_TLS and whether
+// endpoints use peer error handling (shared memory needs it off).
+struct UcxCase {
+  const char* name;
+  const char* tls;
+  bool peer_errors;
+};
+inline void PrintTo(const UcxCase& c, std::ostream* os) {
+  *os << c.name << " (UCX_TLS=" << c.tls << ")";
 }
 
 // The peer child: transport_peer <fd> <tls> <bytes> peer|nopeer host|cuda. It answers with frames

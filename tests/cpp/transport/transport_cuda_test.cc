@@ -33,14 +33,9 @@ using DeviceBuffer = std::unique_ptr<uint8_t, CudaFree>;
     ASSERT_EQ(relaykv_err_, cudaSuccess) << cudaGetErrorString(relaykv_err_); \
   } while (0)
 
-struct CudaCase {
-  const char* name;
-  const char* tls;
-  bool peer_errors;
-};
-void PrintTo(const CudaCase& c, std::ostream* os) { *os << c.name << " (UCX_TLS=" << c.tls << ")"; }
+using testing::UcxCase;
 
-class UcxCudaTwoProcessTest : public ::testing::TestWithParam<CudaCase> {
+class UcxCudaTwoProcessTest : public ::testing::TestWithParam<UcxCase> {
  protected:
   static constexpr uint64_t kRegion = (64ull << 20) + 4096;
 
@@ -161,8 +156,8 @@ TEST_P(UcxCudaTwoProcessTest, HostMemoryToDeviceRegionAndBack) {
 // the host. tcp+cuda_copy stages through host memory, the path between nodes
 // without GPUDirect RDMA.
 INSTANTIATE_TEST_SUITE_P(Ucx, UcxCudaTwoProcessTest,
-                         ::testing::Values(CudaCase{"cuda_ipc", "cuda_ipc,cuda_copy,tcp", false},
-                                           CudaCase{"tcp_staged", "tcp,cuda_copy", true}),
+                         ::testing::Values(UcxCase{"cuda_ipc", "cuda_ipc,cuda_copy,tcp", false},
+                                           UcxCase{"tcp_staged", "tcp,cuda_copy", true}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

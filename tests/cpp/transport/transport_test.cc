@@ -166,12 +166,7 @@ TEST(UcxTransportTest, BadDescriptorIsInvalidArgument) {
   EXPECT_EQ((*ep)->Write(x, 16, *remote, 4090).status().code(), StatusCode::kInvalidArgument);
 }
 
-struct UcxCase {
-  const char* name;
-  const char* tls;
-  bool peer_errors;
-};
-void PrintTo(const UcxCase& c, std::ostream* os) { *os << c.name << " (UCX_TLS=" << c.tls << ")"; }
+using testing::UcxCase;
 
 // Two processes on loopback: this test process is the initiator, the child
 // (transport_peer) owns the target region.
