@@ -58,6 +58,17 @@ std::vector<Seed> Seeds() {
     s.meta.tenant = std::string("\x00\xff", 2);
     seeds.push_back(s);
   }
+  {
+    Seed s{"fp32_yarn_untruncated", {}, 2};
+    s.meta.layout = KvLayout{2, 1, 8, DType::kFloat32};
+    s.meta.rope.theta = 1000000.f;
+    s.meta.rope.scaling = RopeScaling::kYarn;
+    s.meta.rope.factor = 4.f;
+    s.meta.rope.original_max_position = 256;
+    s.meta.rope.attention_factor = 1.1386f;
+    s.meta.rope.truncate = false;
+    seeds.push_back(s);
+  }
   return seeds;
 }
 
