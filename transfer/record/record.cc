@@ -206,7 +206,8 @@ void EncodeHeader(const RecordMeta& meta, const RecordGeometry& g, uint8_t* p) {
   std::memcpy(p + hf::kMagic, kRecordMagic, sizeof(kRecordMagic));
   Store<uint32_t>(p + hf::kVersion, kRecordFormatVersion);
   Store<uint32_t>(p + hf::kHeaderSize, static_cast<uint32_t>(kRecordHeaderSize));
-  Store<uint64_t>(p + hf::kFlags, 0);
+  Store<uint64_t>(p + hf::kFlags,
+                  meta.rope.scaling == RopeScaling::kYarn ? kRecordFlagRopeYarn : 0);
   Store<uint64_t>(p + hf::kModelFingerprint, meta.model_fingerprint);
   Store<int32_t>(p + hf::kNumLayers, meta.layout.num_layers);
   Store<int32_t>(p + hf::kNumKvHeads, meta.layout.num_kv_heads);
@@ -489,9 +490,10 @@ Result<RecordHeader> ParseRecordHeader(const void* data, size_t size) {
                            Str(version) + " headers are " + Str(kRecordHeaderSize) + " bytes");
   }
   h.flags = Load<uint64_t>(p + hf::kFlags);
-  if ((h.flags & kRecordRequiredFlagsMask) != 0) {
+  const uint64_t unknown = h.flags & kRecordRequiredFlagsMask & ~kRecordKnownRequiredFlags;
+  if (unknown != 0) {
     return InvalidArgument("record requires features this reader does not know (flags " +
-                           Hex(h.flags & kRecordRequiredFlagsMask) + ")");
+                           Hex(unknown) + ")");
   }
   if (!AllZero(p + hf::kReserved1, hf::kHeaderChecksum - hf::kReserved1)) {
     return InvalidArgument("record header has nonzero reserved bytes");
@@ -509,6 +511,9 @@ Result<RecordHeader> ParseRecordHeader(const void* data, size_t size) {
   h.rope.low_freq_factor = Load<float>(p + hf::kRopeLowFreqFactor);
   h.rope.high_freq_factor = Load<float>(p + hf::kRopeHighFreqFactor);
   h.rope.original_max_position = Load<int32_t>(p + hf::kRopeOriginalMaxPosition);
+  if ((h.rope.scaling == RopeScaling::kYarn) != ((h.flags & kRecordFlagRopeYarn) != 0)) {
+    return InvalidArgument("record header: rope.scaling yarn and the YaRN flag disagree");
+  }
   if (h.rope.scaling == RopeScaling::kYarn) {
     if (p[hf::kRopeYarnTruncate] > 1) {
       return InvalidArgument("record header rope.truncate must be 0 or 1");

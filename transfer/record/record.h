@@ -57,6 +57,10 @@ inline constexpr size_t kRecordMaxTenantSize = 255;
 inline constexpr int32_t kRecordMaxHiddenSize = 1 << 20;
 inline constexpr char kRecordMagic[8] = {'R', 'L', 'Y', 'K', 'V', 'R', 'E', 'C'};
 inline constexpr uint64_t kRecordRequiredFlagsMask = 0xffffffff00000000ULL;
+// Required flags this reader knows. A reader from before YaRN refuses such a
+// record by this bit, with a message that says why, not by its YaRN fields.
+inline constexpr uint64_t kRecordFlagRopeYarn = 1ULL << 32;
+inline constexpr uint64_t kRecordKnownRequiredFlags = kRecordFlagRopeYarn;
 
 // Byte offsets of the fixed header's fields (format version 1).
 namespace record_header {

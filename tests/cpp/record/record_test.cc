@@ -259,6 +259,7 @@ TEST(RecordFormatTest, YarnFieldsRoundTripWhereTheFormatSays) {
   m.rope.truncate = false;
   const std::vector<uint8_t> b = Build(m, MakeContents(m, 2));
   EXPECT_EQ(b[hf::kRopeScaling], 3);
+  EXPECT_EQ(Get<uint64_t>(b, hf::kFlags), kRecordFlagRopeYarn);
   EXPECT_EQ(b[hf::kRopeYarnTruncate], 0);
   EXPECT_EQ(Get<float>(b, hf::kRopeBetaFast), 16.f);
   EXPECT_EQ(Get<float>(b, hf::kRopeBetaSlow), 2.f);
@@ -485,6 +486,16 @@ TEST_F(CraftedRecordTest, YarnFieldsOnARecordThatIsNotYarn) {
 
 TEST_F(CraftedRecordTest, YarnTruncateIsABoolean) {
   bytes_[hf::kRopeScaling] = 3;
+  Put<float>(bytes_, hf::kRopeFactor, 4.f);
+  Put<float>(bytes_, hf::kRopeBetaFast, 32.f);
+  Put<float>(bytes_, hf::kRopeBetaSlow, 1.f);
+  Put<float>(bytes_, hf::kRopeAttentionFactor, 1.f);
+  bytes_[hf::kRopeYarnTruncate] = 1;
+  ResealHeader(bytes_);
+  // YaRN without its required flag: a reader that did not know YaRN would
+  // have taken it for another scaling.
+  EXPECT_STATUS(Parse(), StatusCode::kInvalidArgument, "YaRN flag disagree");
+  Put<uint64_t>(bytes_, hf::kFlags, kRecordFlagRopeYarn);
   Put<float>(bytes_, hf::kRopeFactor, 4.f);
   Put<float>(bytes_, hf::kRopeBetaFast, 32.f);
   Put<float>(bytes_, hf::kRopeBetaSlow, 1.f);

@@ -77,6 +77,8 @@ class UcxCudaTwoProcessTest : public ::testing::TestWithParam<UcxCase> {
     std::vector<uint8_t> host(n);
     FillPattern(host.data(), n, base, seed);
     ASSERT_CUDA_OK(cudaMemcpy(local_.get(), host.data(), n, cudaMemcpyHostToDevice));
+    // UCX copies on its own non-blocking streams: the bytes must have landed first.
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
   }
   int64_t CheckLocal(uint64_t n, uint64_t base, uint32_t seed) {
     std::vector<uint8_t> host(n);
@@ -113,6 +115,7 @@ TEST_P(UcxCudaTwoProcessTest, DeviceToDeviceWriteNotifyReadAllSizes) {
     SCOPED_TRACE("size " + std::to_string(size));
     const uint64_t off = size < (1 << 20) ? 4093 : 0;
     ASSERT_CUDA_OK(cudaMemset(local_.get(), 0xee, size));
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());  // before UCX's streams write the same bytes
     auto r = ep_->Read(local_.get(), size, remote_, off);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     Status rs = (*r)->Wait(seconds(30));
@@ -155,6 +158,9 @@ TEST_P(UcxCudaTwoProcessTest, HostMemoryToDeviceRegionAndBack) {
 // cuda_ipc maps the peer's allocation into this process: GPU to GPU without
 // the host. tcp+cuda_copy stages through host memory, the path between nodes
 // without GPUDirect RDMA.
+// Where cuda_ipc is unreachable (separate containers, other visible devices)
+// UCX falls back to the staged path without an error; UCX_PROTO_INFO=y shows
+// which one ran.
 INSTANTIATE_TEST_SUITE_P(Ucx, UcxCudaTwoProcessTest,
                          ::testing::Values(UcxCase{"cuda_ipc", "cuda_ipc,cuda_copy,tcp", false},
                                            UcxCase{"tcp_staged", "tcp,cuda_copy", true}),

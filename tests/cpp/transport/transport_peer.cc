@@ -68,7 +68,8 @@ class Region {
     }
     std::vector<uint8_t> host(bytes_);
     relaykv::testing::FillPattern(host.data(), bytes_, 0, seed);
-    return Copy(base_, host.data(), bytes_);
+    RELAYKV_RETURN_IF_ERROR(Copy(base_, host.data(), bytes_));
+    return Sync();
   }
   // Index of the first wrong byte in [off, off + len), or -1.
   Result<int64_t> Check(uint64_t off, uint64_t len, uint32_t seed) {
@@ -89,6 +90,15 @@ class Region {
     (void)dst, (void)src, (void)n;
     return Unimplemented("transport_peer was built without CUDA");
 #endif
+  }
+  // UCX reads and writes device memory on its own non-blocking streams.
+  static Status Sync() {
+#ifdef RELAYKV_PEER_CUDA
+    if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) {
+      return Internal(std::string("cudaDeviceSynchronize: ") + cudaGetErrorString(e));
+    }
+#endif
+    return Status::Ok();
   }
   struct CudaFree {
     void operator()(void* p) const {
@@ -118,6 +128,13 @@ int main(int argc, char** argv) {
   const std::string tls = argv[2];
   const uint64_t bytes = std::strtoull(argv[3], nullptr, 10);
 
+#ifdef RELAYKV_PEER_CUDA
+  // A current context before UCX starts, so its CUDA transports see the
+  // device the parent uses.
+  if (cuda && (cudaSetDevice(0) != cudaSuccess || cudaFree(nullptr) != cudaSuccess)) {
+    return Fail(fd, Unavailable("no usable CUDA device"));
+  }
+#endif
   auto transport =
       UcxTransport::Create(UcxTransportOptions::WithTls(tls, std::string(argv[4]) == "peer"));
   if (!transport.ok()) return Fail(fd, transport.status());
