@@ -135,15 +135,22 @@ nb::dict ToDict(const ForwardOutput& out) {
   nb::dict d;
   d["hidden_states"] = ToTorch(out.hidden_states);
   d["logits"] = ToTorch(out.logits);
-  nb::dict kv, attention, hidden;
+  nb::dict kv, attention, attention_mass, hidden;
   for (const auto& o : out.kv) {
     kv[nb::int_(o.layer)] = nb::make_tuple(ToTorch(o.fresh_k), ToTorch(o.fresh_v),
                                            ToTorch(o.cached_k), ToTorch(o.cached_v));
   }
-  for (const auto& o : out.attention) attention[nb::int_(o.layer)] = ToTorch(o.probs);
+  for (const auto& o : out.attention) {
+    if (o.probs.defined()) attention[nb::int_(o.layer)] = ToTorch(o.probs);
+    if (o.key_mass.defined()) {
+      attention_mass[nb::int_(o.layer)] =
+          nb::make_tuple(ToTorch(o.key_mass), ToTorch(o.key_followers));
+    }
+  }
   for (const auto& o : out.hidden) hidden[nb::int_(o.layer)] = ToTorch(o.hidden);
   d["kv"] = kv;
   d["attention"] = attention;
+  d["attention_mass"] = attention_mass;
   d["hidden"] = hidden;
   return d;
 }
@@ -226,7 +233,7 @@ void BindExecutor(nb::module_& m) {
              const std::vector<int32_t>& skip_write_layers, nb::handle logits_rows,
              const std::vector<int32_t>& observe_kv_layers,
              const std::vector<int32_t>& observe_attention_layers, nb::handle attention_rows,
-             const std::vector<int32_t>& observe_hidden_layers) {
+             bool attention_key_mass, const std::vector<int32_t>& observe_hidden_layers) {
             ForwardInput in;
             in.query_lens = query_lens;
             in.context_lens = context_lens;
@@ -242,6 +249,7 @@ void BindExecutor(nb::module_& m) {
             in.observe.kv_layers = observe_kv_layers;
             in.observe.attention_layers = observe_attention_layers;
             in.observe.attention_rows = ToAten(attention_rows, "attention_rows");
+            in.observe.attention_key_mass = attention_key_mass;
             in.observe.hidden_layers = observe_hidden_layers;
             Result<ForwardOutput> out = [&] {
               nb::gil_scoped_release release;
@@ -257,7 +265,7 @@ void BindExecutor(nb::module_& m) {
           nb::arg("logits_rows") = nb::none(),
           nb::arg("observe_kv_layers") = std::vector<int32_t>{},
           nb::arg("observe_attention_layers") = std::vector<int32_t>{},
-          nb::arg("attention_rows") = nb::none(),
+          nb::arg("attention_rows") = nb::none(), nb::arg("attention_key_mass") = false,
           nb::arg("observe_hidden_layers") = std::vector<int32_t>{},
           "Computes the given tokens over layers [first_layer, last_layer]; returns a dict with "
           "hidden_states, logits, and the observations kv {layer: (fresh_k, fresh_v, cached_k, "

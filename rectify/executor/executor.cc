@@ -366,6 +366,40 @@ struct ModelExecutor::Impl {
     }
     return probs;
   }
+
+  // The column sums of AttentionProbs that influence scoring reads, in blocks
+  // of rows: memory is O(block * heads * C) instead of O(A * heads * C).
+  std::pair<at::Tensor, at::Tensor> AttentionKeyMass(
+      const Plan& plan, const at::Tensor& q, const std::function<at::Tensor(int64_t)>& keys_of,
+      int32_t window) const {
+    constexpr int64_t kBlock = 128;
+    const int64_t H = config.num_heads, kvh = config.num_kv_heads, d = config.head_size;
+    const int64_t g = H / kvh;
+    const auto opts = q.options().dtype(at::kFloat);
+    at::Tensor mass = at::zeros({plan.num_seqs, plan.attention_ctx}, opts);
+    at::Tensor followers = at::zeros({plan.num_seqs, plan.attention_ctx}, opts);
+    for (const AttentionGroup& grp : plan.attention_groups) {
+      const int64_t ctx = plan.seqs[grp.seq].ctx_len;
+      const at::Tensor kr = keys_of(grp.seq).to(at::kFloat).permute({1, 2, 0});  // [kvh, d, ctx]
+      const at::Tensor key_pos = at::arange(ctx, grp.qpos.options());
+      at::Tensor mass_s = mass[grp.seq].narrow(0, 0, ctx);
+      at::Tensor followers_s = followers[grp.seq].narrow(0, 0, ctx);
+      for (int64_t b = 0; b < grp.rows.size(0); b += kBlock) {
+        const int64_t r = std::min(kBlock, grp.rows.size(0) - b);
+        const at::Tensor qpos = grp.qpos.narrow(0, b, r);
+        at::Tensor qr = q.index_select(0, grp.rows.narrow(0, b, r)).to(at::kFloat);  // [r, H, d]
+        qr = qr.view({r, kvh, g, d}).permute({1, 0, 2, 3}).reshape({kvh, r * g, d});
+        at::Tensor scores = at::bmm(qr, kr).mul_(scale).view({kvh, r, g, ctx});
+        const at::Tensor visible = VisibleKeys(qpos, ctx, window).view({1, r, 1, ctx});
+        scores.masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
+        const at::Tensor head_mean = at::softmax(scores, -1).sum({0, 2}).div_(H);  // [r, ctx]
+        const at::Tensor later = key_pos.unsqueeze(0) < qpos.unsqueeze(1);          // [r, ctx]
+        mass_s.add_(head_mean.mul_(later).sum(0));
+        followers_s.add_(later.sum(0).to(at::kFloat));
+      }
+    }
+    return {mass, followers};
+  }
 };
 
 Status ModelExecutor::Impl::Load(const WeightMap& weights) {
@@ -833,7 +867,12 @@ Result<ForwardOutput> ModelExecutor::Impl::Forward(
       }
     }
     if (obs_attn.count(l)) {
-      attn_obs[l] = AttentionObservation{l, AttentionProbs(plan, q, keys_of, w.window)};
+      if (in.observe.attention_key_mass) {
+        auto [mass, followers] = AttentionKeyMass(plan, q, keys_of, w.window);
+        attn_obs[l] = AttentionObservation{l, at::Tensor(), std::move(mass), std::move(followers)};
+      } else {
+        attn_obs[l] = AttentionObservation{l, AttentionProbs(plan, q, keys_of, w.window)};
+      }
     }
 
     at::Tensor o = at::linear(attn.reshape({T, H * d}), w.o_w, w.o_b);

@@ -66,6 +66,11 @@ struct ObserveSpec {
   // Attention weights (softmax over keys, per head) of attention_rows.
   std::vector<int32_t> attention_layers;
   at::Tensor attention_rows;  // int64 [A] on CPU: rows of the computed tokens
+  // Instead of the weights, only what influence scoring needs: per sequence
+  // and key position, the head-mean weight summed over the observed rows
+  // after that position, and how many such rows there are. Computed a block
+  // of rows at a time, so the [A, heads, C] weights never exist at once.
+  bool attention_key_mass = false;
   // The residual stream after these layers, for every computed token.
   std::vector<int32_t> hidden_layers;
 };
@@ -112,6 +117,12 @@ struct AttentionObservation {
   // position j of its sequence; C is the largest context among the rows'
   // sequences; masked and out-of-context entries are 0.
   at::Tensor probs;
+  // With observe.attention_key_mass (probs is then undefined), float32
+  // [num_seqs, C]: key_mass[s, j] sums the head-mean weight that observed
+  // rows of sequence s at positions > j give position j; key_followers[s, j]
+  // counts those rows.
+  at::Tensor key_mass;
+  at::Tensor key_followers;
 };
 
 struct HiddenObservation {

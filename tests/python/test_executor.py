@@ -184,6 +184,41 @@ def test_layer_ranges_compose_and_observations_match_transformers():
     assert (tail.logits - ref.logits[0]).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("layer", [0, 2])  # qwen2's layer 2 has a 24-token sliding window
+def test_attention_key_mass_equals_influence_from_the_weights(layer):
+    from relaykv.rectify import selector
+
+    model = tiny_model("qwen2", seed=8)
+    executor = Executor.from_hf(model)
+    lengths = [300, 45]  # more rows than one 128-row block, and a second sequence
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.cat([torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in lengths])
+    tables = [list(range(0, 38)), list(range(38, 44))]
+    # Rows observed: every third token of the first sequence, all of the second.
+    rows = torch.cat([torch.arange(0, 300, 3), 300 + torch.arange(45)])
+
+    def run(key_mass: bool):
+        cache = executor.new_kv_cache(44, 8)
+        return executor.forward(
+            cache, query_lens=lengths, context_lens=lengths, block_tables=tables,
+            positions=torch.cat([torch.arange(n) for n in lengths]), token_ids=ids, last_layer=layer,
+            observe_attention_layers=[layer], attention_rows=rows, attention_key_mass=key_mass)
+
+    probs = run(False).attention[layer]
+    mass, followers = run(True).attention_mass[layer]
+    assert mass.shape == followers.shape == (2, 300)
+    for s, (first, n) in enumerate([(0, 300), (300, 45)]):
+        mine = (rows >= first) & (rows < first + n)
+        keys = torch.arange(n)
+        want = selector.influence(probs[mine][:, :, :n], rows[mine] - first, keys)
+        got = selector.influence_from_mass(mass[s], followers[s], keys)
+        assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+        assert want[: n // 2].abs().max() > 1e-3  # not trivially zero
+        later = (rows[mine] - first)[:, None] > keys[None, :]
+        assert torch.equal(followers[s, :n], later.sum(0).float())
+    assert torch.all(mass[1, 45:] == 0) and torch.all(followers[1, 45:] == 0)
+
+
 def test_batched_prefill_and_decode_equal_one_at_a_time():
     model = tiny_model("qwen3", seed=6)
     executor = Executor.from_hf(model)

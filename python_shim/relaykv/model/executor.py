@@ -35,6 +35,8 @@ class ForwardResult:
     kv: dict[int, KvObservation]
     attention: dict[int, torch.Tensor]  # float32 [A, heads, max_ctx]
     hidden: dict[int, torch.Tensor]  # [T, hidden] after each observed layer
+    # With attention_key_mass: float32 [num_seqs, max_ctx] (mass, followers); see the C++ header.
+    attention_mass: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 class KvCache:
@@ -193,6 +195,7 @@ class Executor:
         observe_kv_layers: Iterable[int] = (),
         observe_attention_layers: Iterable[int] = (),
         attention_rows: IntsLike | None = None,
+        attention_key_mass: bool = False,
         observe_hidden_layers: Iterable[int] = (),
     ) -> ForwardResult:
         """Computes the given tokens of one or more sequences over [first_layer, last_layer].
@@ -223,6 +226,7 @@ class Executor:
             observe_kv_layers=list(observe_kv_layers),
             observe_attention_layers=list(observe_attention_layers),
             attention_rows=_ints(attention_rows),
+            attention_key_mass=attention_key_mass,
             observe_hidden_layers=list(observe_hidden_layers),
         )
         return ForwardResult(
@@ -231,6 +235,7 @@ class Executor:
             kv={layer: KvObservation(*t) for layer, t in out["kv"].items()},
             attention=dict(out["attention"]),
             hidden=dict(out["hidden"]),
+            attention_mass={layer: tuple(t) for layer, t in out["attention_mass"].items()},
         )
 
     def prefill(

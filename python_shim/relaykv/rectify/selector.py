@@ -31,6 +31,17 @@ def influence(probs: torch.Tensor, query_positions: torch.Tensor,
     return mass / later.sum(0).clamp(min=1)
 
 
+def influence_from_mass(key_mass: torch.Tensor, key_followers: torch.Tensor,
+                        key_positions: torch.Tensor) -> torch.Tensor:
+    """influence() from the executor's per-position sums (observe attention_key_mass).
+
+    key_mass [C]: head-mean weight summed over the later query rows; key_followers
+    [C]: how many later rows there were. Equal to influence() of the same rows,
+    without the [A, heads, C] weights.
+    """
+    return key_mass[key_positions] / key_followers[key_positions].clamp(min=1)
+
+
 def last_tokens_mask(span_ids: torch.Tensor, k: int) -> torch.Tensor:
     """True for the last k tokens of every span; span_ids [n] is non-decreasing."""
     return _rank_in_span(span_ids, from_end=True) < k

@@ -209,13 +209,15 @@ class _Runner:
         want_attn = s.name == "relay"
         out = self.fwd(rows, first, det, hidden_in, observe_kv_layers=range(first, det + 1),
                        observe_attention_layers=[det] if want_attn else [],
-                       attention_rows=torch.arange(rows.numel()) if want_attn else None)
+                       attention_rows=torch.arange(rows.numel()) if want_attn else None,
+                       attention_key_mass=want_attn)
         obs = out.kv[det]
         dev = selector.deviation(obs.fresh_v[span_rows], obs.cached_v[span_rows])
         if s.name == "cacheblend":
             mask = selector.top_ratio(dev, s.ratio)
         else:
-            infl = selector.influence(out.attention[det], rows, span)
+            mass, followers = out.attention_mass[det]
+            infl = selector.influence_from_mass(mass[0], followers[0], span)
             budget = None if s.budget is None else int(s.budget * span.numel())
             mask = selector.select_relay(dev, infl, self.lay.span_ids, tau_dev=s.tau_dev, tau_inf=s.tau_inf,
                                          suffix_tokens=s.suffix_tokens, budget=budget)
