@@ -148,15 +148,9 @@ void BindCore(nb::module_& m) {
           nb::arg("attention_factor") = 1.f, nb::arg("truncate") = true)
       .def_ro("theta", &RopeParams::theta)
       .def_ro("rotary_dim", &RopeParams::rotary_dim)
-      .def_prop_ro("style",
-                   [](const RopeParams& p) {
-                     return std::string(p.style == RopeStyle::kNeox ? "neox" : "interleaved");
-                   })
+      .def_prop_ro("style", [](const RopeParams& p) { return std::string(RopeStyleName(p.style)); })
       .def_prop_ro("scaling",
-                   [](const RopeParams& p) {
-                     static const char* kNames[] = {"none", "linear", "llama3", "yarn"};
-                     return std::string(kNames[static_cast<int>(p.scaling) % 4]);
-                   })
+                   [](const RopeParams& p) { return std::string(RopeScalingName(p.scaling)); })
       .def_ro("factor", &RopeParams::factor)
       .def_ro("attention_factor", &RopeParams::attention_factor)
       .def("validate",

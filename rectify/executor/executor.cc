@@ -13,6 +13,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <tuple>
 #include <utility>
 
 namespace relaykv::rectify {
@@ -348,23 +349,38 @@ struct ModelExecutor::Impl {
   at::Tensor AttentionProbs(const Plan& plan, const at::Tensor& q,
                             const std::function<at::Tensor(int64_t)>& keys_of,
                             int32_t window) const {
-    const int64_t H = config.num_heads, kvh = config.num_kv_heads, d = config.head_size;
-    const int64_t g = H / kvh;
+    const int64_t H = config.num_heads;
     at::Tensor probs =
         at::zeros({plan.attention_rows, H, plan.attention_ctx}, q.options().dtype(at::kFloat));
     for (const AttentionGroup& grp : plan.attention_groups) {
       const int64_t ctx = plan.seqs[grp.seq].ctx_len;
       const int64_t r = grp.rows.size(0);
-      at::Tensor qr = q.index_select(0, grp.rows).to(at::kFloat);  // [r, H, d]
-      qr = qr.view({r, kvh, g, d}).permute({1, 0, 2, 3}).reshape({kvh, r * g, d});
-      at::Tensor kr = keys_of(grp.seq).to(at::kFloat).permute({1, 2, 0});  // [kvh, d, ctx]
-      at::Tensor scores = at::bmm(qr, kr).mul_(scale);                     // [kvh, r*g, ctx]
-      scores = scores.view({kvh, r, g, ctx}).permute({1, 0, 2, 3}).reshape({r, H, ctx});
-      at::Tensor visible = VisibleKeys(grp.qpos, ctx, window).unsqueeze(1);  // [r, 1, ctx]
-      scores.masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
+      const at::Tensor scores =
+          MaskedScores(q, grp.rows, grp.qpos, KeysForScores(keys_of, grp.seq), window)
+              .permute({1, 0, 2, 3})
+              .reshape({r, H, ctx});
       probs.narrow(2, 0, ctx).index_copy_(0, grp.out_rows, at::softmax(scores, -1));
     }
     return probs;
+  }
+
+  // Keys of a sequence as MaskedScores takes them: float32 [kv_heads, d, ctx].
+  static at::Tensor KeysForScores(const std::function<at::Tensor(int64_t)>& keys_of, int64_t seq) {
+    return keys_of(seq).to(at::kFloat).permute({1, 2, 0});
+  }
+
+  // Scaled QK^T of `rows` (positions `qpos`) against keys [kv_heads, d, ctx],
+  // float32, invisible keys at -inf: [kv_heads, rows, group, ctx].
+  at::Tensor MaskedScores(const at::Tensor& q, const at::Tensor& rows, const at::Tensor& qpos,
+                          const at::Tensor& keys, int32_t window) const {
+    const int64_t kvh = config.num_kv_heads, d = config.head_size;
+    const int64_t g = config.num_heads / kvh;
+    const int64_t r = rows.size(0), ctx = keys.size(2);
+    at::Tensor qr = q.index_select(0, rows).to(at::kFloat);  // [r, H, d]
+    qr = qr.view({r, kvh, g, d}).permute({1, 0, 2, 3}).reshape({kvh, r * g, d});
+    at::Tensor scores = at::bmm(qr, keys).mul_(scale).view({kvh, r, g, ctx});
+    const at::Tensor visible = VisibleKeys(qpos, ctx, window).view({1, r, 1, ctx});
+    return scores.masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
   }
 
   // The column sums of AttentionProbs that influence scoring reads, in blocks
@@ -373,27 +389,22 @@ struct ModelExecutor::Impl {
       const Plan& plan, const at::Tensor& q, const std::function<at::Tensor(int64_t)>& keys_of,
       int32_t window) const {
     constexpr int64_t kBlock = 128;
-    const int64_t H = config.num_heads, kvh = config.num_kv_heads, d = config.head_size;
-    const int64_t g = H / kvh;
     const auto opts = q.options().dtype(at::kFloat);
     at::Tensor mass = at::zeros({plan.num_seqs, plan.attention_ctx}, opts);
     at::Tensor followers = at::zeros({plan.num_seqs, plan.attention_ctx}, opts);
     for (const AttentionGroup& grp : plan.attention_groups) {
       const int64_t ctx = plan.seqs[grp.seq].ctx_len;
-      const at::Tensor kr = keys_of(grp.seq).to(at::kFloat).permute({1, 2, 0});  // [kvh, d, ctx]
+      const at::Tensor keys = KeysForScores(keys_of, grp.seq);
       const at::Tensor key_pos = at::arange(ctx, grp.qpos.options());
       at::Tensor mass_s = mass[grp.seq].narrow(0, 0, ctx);
       at::Tensor followers_s = followers[grp.seq].narrow(0, 0, ctx);
       for (int64_t b = 0; b < grp.rows.size(0); b += kBlock) {
         const int64_t r = std::min(kBlock, grp.rows.size(0) - b);
         const at::Tensor qpos = grp.qpos.narrow(0, b, r);
-        at::Tensor qr = q.index_select(0, grp.rows.narrow(0, b, r)).to(at::kFloat);  // [r, H, d]
-        qr = qr.view({r, kvh, g, d}).permute({1, 0, 2, 3}).reshape({kvh, r * g, d});
-        at::Tensor scores = at::bmm(qr, kr).mul_(scale).view({kvh, r, g, ctx});
-        const at::Tensor visible = VisibleKeys(qpos, ctx, window).view({1, r, 1, ctx});
-        scores.masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
-        const at::Tensor head_mean = at::softmax(scores, -1).sum({0, 2}).div_(H);  // [r, ctx]
-        const at::Tensor later = key_pos.unsqueeze(0) < qpos.unsqueeze(1);          // [r, ctx]
+        const at::Tensor scores = MaskedScores(q, grp.rows.narrow(0, b, r), qpos, keys, window);
+        const at::Tensor head_mean =
+            at::softmax(scores, -1).sum({0, 2}).div_(config.num_heads);     // [r, ctx]
+        const at::Tensor later = key_pos.unsqueeze(0) < qpos.unsqueeze(1);  // [r, ctx]
         mass_s.add_(head_mean.mul_(later).sum(0));
         followers_s.add_(later.sum(0).to(at::kFloat));
       }
@@ -867,11 +878,12 @@ Result<ForwardOutput> ModelExecutor::Impl::Forward(
       }
     }
     if (obs_attn.count(l)) {
+      AttentionObservation& obs = attn_obs[l];
+      obs.layer = l;
       if (in.observe.attention_key_mass) {
-        auto [mass, followers] = AttentionKeyMass(plan, q, keys_of, w.window);
-        attn_obs[l] = AttentionObservation{l, at::Tensor(), std::move(mass), std::move(followers)};
+        std::tie(obs.key_mass, obs.key_followers) = AttentionKeyMass(plan, q, keys_of, w.window);
       } else {
-        attn_obs[l] = AttentionObservation{l, AttentionProbs(plan, q, keys_of, w.window)};
+        obs.probs = AttentionProbs(plan, q, keys_of, w.window);
       }
     }
 

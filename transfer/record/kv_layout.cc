@@ -28,7 +28,8 @@ uint64_t KvLayout::Fingerprint() const {
   // Explicit little-endian packing so the hash does not depend on struct padding.
   uint8_t buf[13];
   auto put32 = [&](int off, int32_t v) {
-    for (int i = 0; i < 4; ++i) buf[off + i] = static_cast<uint8_t>(static_cast<uint32_t>(v) >> (8 * i));
+    for (int i = 0; i < 4; ++i)
+      buf[off + i] = static_cast<uint8_t>(static_cast<uint32_t>(v) >> (8 * i));
   };
   put32(0, num_layers);
   put32(4, num_kv_heads);
@@ -38,8 +39,8 @@ uint64_t KvLayout::Fingerprint() const {
 }
 
 std::string KvLayout::ToString() const {
-  return "KvLayout(layers=" + std::to_string(num_layers) + ", kv_heads=" +
-         std::to_string(num_kv_heads) + ", head_size=" + std::to_string(head_size) +
+  return "KvLayout(layers=" + std::to_string(num_layers) +
+         ", kv_heads=" + std::to_string(num_kv_heads) + ", head_size=" + std::to_string(head_size) +
          ", dtype=" + std::string(DTypeName(dtype)) + ")";
 }
 

@@ -41,7 +41,7 @@ struct KvLayout {
 // (v_base = k_base + head_size), and per-layer views into one shared buffer.
 struct PagedKvCache {
   KvLayout layout;
-  int32_t block_size = 0;   // tokens per block
+  int32_t block_size = 0;  // tokens per block
   int64_t num_blocks = 0;
   std::vector<void*> k_base;  // one per layer
   std::vector<void*> v_base;  // one per layer
@@ -53,9 +53,7 @@ struct PagedKvCache {
 
   Status Validate() const;
   // True when one token's heads × dims form one dense run (fast copy path).
-  bool TokenRowIsDense() const {
-    return dim_stride == 1 && head_stride == layout.head_size;
-  }
+  bool TokenRowIsDense() const { return dim_stride == 1 && head_stride == layout.head_size; }
 };
 
 }  // namespace relaykv

@@ -70,30 +70,6 @@ std::string Quoted(std::string_view s) {
   return out;
 }
 
-std::string_view StyleName(RopeStyle s) {
-  switch (s) {
-    case RopeStyle::kNeox:
-      return "neox";
-    case RopeStyle::kInterleaved:
-      return "interleaved";
-  }
-  return "unknown";
-}
-
-std::string_view ScalingName(RopeScaling s) {
-  switch (s) {
-    case RopeScaling::kNone:
-      return "none";
-    case RopeScaling::kLinear:
-      return "linear";
-    case RopeScaling::kLlama3:
-      return "llama3";
-    case RopeScaling::kYarn:
-      return "yarn";
-  }
-  return "unknown";
-}
-
 // What the geometry depends on; filled from a RecordMeta or from a header.
 struct Shape {
   KvLayout layout;  // already validated
@@ -782,12 +758,12 @@ Status CheckCompatible(const RecordView& record, uint64_t model_fingerprint, con
     return mismatch("rope.rotary_dim", std::to_string(rd), std::to_string(want_rd));
   }
   if (rr.style != rope.style) {
-    return mismatch("rope.style", std::string(StyleName(rr.style)),
-                    std::string(StyleName(rope.style)));
+    return mismatch("rope.style", std::string(RopeStyleName(rr.style)),
+                    std::string(RopeStyleName(rope.style)));
   }
   if (rr.scaling != rope.scaling) {
-    return mismatch("rope.scaling", std::string(ScalingName(rr.scaling)),
-                    std::string(ScalingName(rope.scaling)));
+    return mismatch("rope.scaling", std::string(RopeScalingName(rr.scaling)),
+                    std::string(RopeScalingName(rope.scaling)));
   }
   if (rr.scaling != RopeScaling::kNone && rr.factor != rope.factor) {
     return mismatch("rope.factor", FloatStr(rr.factor), FloatStr(rope.factor));
@@ -801,16 +777,13 @@ Status CheckCompatible(const RecordView& record, uint64_t model_fingerprint, con
       return mismatch("rope.high_freq_factor", FloatStr(rr.high_freq_factor),
                       FloatStr(rope.high_freq_factor));
     }
-    if (rr.original_max_position != rope.original_max_position) {
-      return mismatch("rope.original_max_position", std::to_string(rr.original_max_position),
-                      std::to_string(rope.original_max_position));
-    }
+  }
+  if ((rr.scaling == RopeScaling::kLlama3 || rr.scaling == RopeScaling::kYarn) &&
+      rr.original_max_position != rope.original_max_position) {
+    return mismatch("rope.original_max_position", std::to_string(rr.original_max_position),
+                    std::to_string(rope.original_max_position));
   }
   if (rr.scaling == RopeScaling::kYarn) {
-    if (rr.original_max_position != rope.original_max_position) {
-      return mismatch("rope.original_max_position", std::to_string(rr.original_max_position),
-                      std::to_string(rope.original_max_position));
-    }
     if (rr.beta_fast != rope.beta_fast) {
       return mismatch("rope.beta_fast", FloatStr(rr.beta_fast), FloatStr(rope.beta_fast));
     }

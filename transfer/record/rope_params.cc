@@ -9,6 +9,30 @@
 
 namespace relaykv {
 
+std::string_view RopeStyleName(RopeStyle style) {
+  switch (style) {
+    case RopeStyle::kNeox:
+      return "neox";
+    case RopeStyle::kInterleaved:
+      return "interleaved";
+  }
+  return "unknown";
+}
+
+std::string_view RopeScalingName(RopeScaling scaling) {
+  switch (scaling) {
+    case RopeScaling::kNone:
+      return "none";
+    case RopeScaling::kLinear:
+      return "linear";
+    case RopeScaling::kLlama3:
+      return "llama3";
+    case RopeScaling::kYarn:
+      return "yarn";
+  }
+  return "unknown";
+}
+
 Status RopeParams::Validate(int32_t head_size) const {
   if (!(theta > 1.f) || !std::isfinite(theta)) {
     return InvalidArgument("rope.theta must be a finite value > 1, got " + std::to_string(theta));
@@ -116,12 +140,10 @@ uint64_t RopeParams::Fingerprint() const {
 }
 
 std::string RopeParams::ToString() const {
-  static const char* kStyles[] = {"neox", "interleaved"};
-  static const char* kScalings[] = {"none", "linear", "llama3", "yarn"};
   return "RopeParams(theta=" + std::to_string(theta) +
          ", rotary_dim=" + std::to_string(rotary_dim) +
-         ", style=" + kStyles[static_cast<int>(style) & 1] +
-         ", scaling=" + kScalings[static_cast<int>(scaling) % 4] + ")";
+         ", style=" + std::string(RopeStyleName(style)) +
+         ", scaling=" + std::string(RopeScalingName(scaling)) + ")";
 }
 
 }  // namespace relaykv

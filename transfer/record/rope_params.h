@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "transfer/common/status.h"
@@ -24,6 +25,11 @@ enum class RopeScaling : uint8_t {
   kLlama3 = 2,  // Llama 3.x frequency-dependent scaling
   kYarn = 3,    // YaRN (Qwen2.5/Qwen3 long context): ramp between interpolation and extrapolation
 };
+
+// "neox"/"interleaved" and "none"/"linear"/"llama3"/"yarn", as configs and
+// messages spell them; "unknown" for a code outside the enum.
+std::string_view RopeStyleName(RopeStyle style);
+std::string_view RopeScalingName(RopeScaling scaling);
 
 struct RopeParams {
   float theta = 10000.f;

@@ -283,7 +283,7 @@ struct StoreServer::Impl {
       published.erase(it);
     }
     entry.tokens.clear();
-    EnqueueDir({DirOp::Kind::kRemove, std::move(entry)});
+    EnqueueDir({DirOp::Kind::kRemove, std::move(entry), 0, std::nullopt});
   }
 
   // ---- event loop -------------------------------------------------------

@@ -484,7 +484,7 @@ TEST_F(CraftedRecordTest, YarnFieldsOnARecordThatIsNotYarn) {
   EXPECT_STATUS(Parse(), StatusCode::kInvalidArgument, "YaRN fields set");
 }
 
-TEST_F(CraftedRecordTest, YarnTruncateIsABoolean) {
+TEST_F(CraftedRecordTest, YarnNeedsItsFlagAndABooleanTruncate) {
   bytes_[hf::kRopeScaling] = 3;
   Put<float>(bytes_, hf::kRopeFactor, 4.f);
   Put<float>(bytes_, hf::kRopeBetaFast, 32.f);
@@ -496,11 +496,6 @@ TEST_F(CraftedRecordTest, YarnTruncateIsABoolean) {
   // have taken it for another scaling.
   EXPECT_STATUS(Parse(), StatusCode::kInvalidArgument, "YaRN flag disagree");
   Put<uint64_t>(bytes_, hf::kFlags, kRecordFlagRopeYarn);
-  Put<float>(bytes_, hf::kRopeFactor, 4.f);
-  Put<float>(bytes_, hf::kRopeBetaFast, 32.f);
-  Put<float>(bytes_, hf::kRopeBetaSlow, 1.f);
-  Put<float>(bytes_, hf::kRopeAttentionFactor, 1.f);
-  bytes_[hf::kRopeYarnTruncate] = 1;
   ResealHeader(bytes_);
   EXPECT_TRUE(Parse().ok()) << Parse().ToString();
   bytes_[hf::kRopeYarnTruncate] = 2;
