@@ -123,6 +123,11 @@ def test_relay_with_every_token_over_all_layers_equals_full(relayed):
     assert not torch.allclose(naive.logits, full.logits, atol=1e-4, rtol=0)
 
 
+def _full_kv(inst, ids, span):
+    full = prefill(inst, ids, Strategy("full"))
+    return full.seq.cache.gather(full.seq.table, span)
+
+
 def _imported_kv(inst, ids, span):
     naive = prefill(inst, ids, Strategy("naive", use_prefix_cache=False))
     return naive.seq.cache.gather(naive.seq.table, span)
@@ -140,7 +145,16 @@ def _imported_kv(inst, ids, span):
              use_prefix_cache=False),
     # det before start: R is computed from det + 1 on and keeps that fresh KV.
     Strategy("relay", start_layer=2, det_layer=0, end_layer=2, suffix_tokens=4, use_prefix_cache=False),
-], ids=lambda s: s.label() + f"-{s.end_layer}")
+    Strategy("relay", start_layer=0, det_layer=1, end_layer=1, suffix_tokens=4, use_prefix_cache=False),
+    # The same with the imported KV put back where stage 1 computed it.
+    Strategy("cacheblend", det_layer=1, ratio=0.15, use_prefix_cache=False, keep_detection_kv=False),
+    Strategy("relay", start_layer=1, det_layer=1, end_layer=2, suffix_tokens=4, use_prefix_cache=False,
+             keep_detection_kv=False),
+    Strategy("relay", start_layer=2, det_layer=0, end_layer=2, suffix_tokens=4, use_prefix_cache=False,
+             keep_detection_kv=False),
+    Strategy("relay", start_layer=0, det_layer=1, end_layer=1, suffix_tokens=4, use_prefix_cache=False,
+             keep_detection_kv=False),
+], ids=lambda s: s.label() + f"-d{s.det_layer}-{s.end_layer}")
 def test_recompute_set_is_the_definition(relayed, strategy):
     inst, ids, span = relayed
     L = inst.executor.num_layers
@@ -163,8 +177,18 @@ def test_recompute_set_is_the_definition(relayed, strategy):
         start = min(start, strategy.det_layer + 1)
     end = L - 1 if strategy.end_layer < 0 or strategy.name != "relay" else strategy.end_layer
     is_chosen = torch.tensor([p in set(chosen) for p in span])
+    # Stage 1 ran every token through [0, det] behind the new prefix; kept, that KV is full prefill's.
+    kept_det = -1
+    if strategy.name in ("cacheblend", "relay") and strategy.scheme == "layer0" and strategy.keep_detection_kv:
+        kept_det = strategy.det_layer
+        full_k, full_v = _full_kv(inst, ids, span)
+        for layer in range(kept_det + 1):
+            assert torch.allclose(k[layer], full_k[layer], atol=1e-5, rtol=0), layer
+            assert torch.allclose(v[layer], full_v[layer], atol=1e-5, rtol=0), layer
     for layer in range(L):
         fresh_rows = is_chosen if start <= layer <= end else torch.zeros_like(is_chosen)
+        if layer <= kept_det:
+            fresh_rows = torch.ones_like(is_chosen)
         same = (k[layer] == imp_k[layer]).flatten(1).all(1) & (v[layer] == imp_v[layer]).flatten(1).all(1)
         # Imported KV stays bit-exact outside R × [start, end]; inside, it was recomputed.
         assert same[~fresh_rows].all(), (layer, strategy)

@@ -66,16 +66,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def bench_strategies(profile: dict[str, Any], budgets: Sequence[float], epic_k: Sequence[int],
-                     with_hidden: bool, relay_det: Sequence[int] = ()) -> list[Strategy]:
+                     with_hidden: bool, relay_det: Sequence[int] = (),
+                     with_restore: bool = False) -> list[Strategy]:
     """prefix, naive, cacheblend and relay at each budget, epic at each k, relay uncapped;
-    with relay_det, the relay ones once per detection layer (labelled relay-det<l>)."""
+    with relay_det, the relay ones once per detection layer (labelled relay-det<l>); with
+    with_restore, cacheblend and relay also with the imported KV put back in the detection
+    layers (labelled -restore)."""
+    keeps = (True, False) if with_restore else (True,)
     out = [Strategy("prefix"), Strategy("naive")]
-    out += [Strategy("cacheblend", det_layer=1, ratio=b) for b in budgets]
+    out += [Strategy("cacheblend", det_layer=1, ratio=b, keep_detection_kv=k) for k in keeps for b in budgets]
     out += [Strategy("epic", first_k=k) for k in epic_k]
-    for det in relay_det or [None]:
-        extra = {} if det is None else {"det_layer": det, "variant": f"det{det}"}
-        out.append(from_profile(profile, scheme="layer0", **extra))
-        out += [from_profile(profile, scheme="layer0", budget=b, **extra) for b in budgets]
+    for keep in keeps:
+        for det in relay_det or [None]:
+            extra = {"keep_detection_kv": keep}
+            if det is not None:
+                extra.update(det_layer=det, variant=f"det{det}")
+            out.append(from_profile(profile, scheme="layer0", **extra))
+            out += [from_profile(profile, scheme="layer0", budget=b, **extra) for b in budgets]
     if with_hidden and profile["start_layer"] > 0:
         out.append(from_profile(profile, scheme="hidden"))
         out += [from_profile(profile, scheme="hidden", budget=b) for b in budgets]
@@ -170,7 +177,7 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
     budgets = [float(x) for x in args.budgets.split(",") if x]
     epic_k = [int(x) for x in args.epic_k.split(",") if x]
     relay_det = [int(x) for x in args.relay_det.split(",") if x]
-    strategies = bench_strategies(profile, budgets, epic_k, args.hidden, relay_det)
+    strategies = bench_strategies(profile, budgets, epic_k, args.hidden, relay_det, args.restore)
     if args.only:
         wanted = set(args.only.split(","))
         strategies = [s for s in strategies if s.label() in wanted or s.name in wanted]
@@ -244,6 +251,9 @@ def add_bench_parser(sub: Any) -> None:
     relay.add_argument("--profile", default=None)
     relay.add_argument("--relay-det", default="",
                        help="comma-separated detection layers: relay once per layer (default: the profile's)")
+    relay.add_argument("--restore", action="store_true",
+                       help="also run cacheblend and relay with the imported KV put back in the layers "
+                            "the detection pass computed (labelled -restore)")
     relay.add_argument("--out", default="results/bench/relay.jsonl")
     relay.add_argument("--threads", type=int, default=None)
     relay.set_defaults(func=cmd_bench_relay)

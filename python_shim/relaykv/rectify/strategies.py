@@ -14,12 +14,21 @@ its own hidden state entering l:
 (det_layer may lie before start_layer; R then also keeps its fresh KV in
 (det_layer, start_layer), which it computes on the way anyway.)
 
+Stage 1 computes every token through layers [0, det] behind the new prefix, so
+under `scheme="layer0"` the KV it writes there is exactly full prefill's.
+`keep_detection_kv=True` (the default) keeps it for every span token instead of
+putting the imported KV back: same work, closer cache. CacheBlend keeps its
+fully recomputed check layers the same way. `keep_detection_kv=False` restores
+the imported KV outside R × [start, end] (label suffix "-restore"), so the two
+can be measured side by side.
+
 `scheme="layer0"` starts span tokens from their embeddings (first = 0); with
 `scheme="hidden"` they start at start_layer from hidden states the exporter
 saved at a checkpoint (the output of layer start_layer - 1), and gap rows are
 computed alone through layers [0, start_layer). After the forward, span tokens
-keep the imported KV everywhere outside R × [min(det+1, start), end_layer], so the
-cache that decoding continues on is exactly what the strategy defines.
+keep the imported KV everywhere outside R × [min(det+1, start), end_layer] (and,
+with keep_detection_kv under layer0, outside [0, det]), so the cache that
+decoding continues on is exactly what the strategy defines.
 Imported KV is never offered to the prefix cache as exact.
 """
 
@@ -53,15 +62,18 @@ class Strategy:
     scheme: str = "layer0"  # "layer0" or "hidden"
     use_prefix_cache: bool = True
     variant: str = ""  # tells apart configurations of one family in a benchmark (e.g. "det3")
+    keep_detection_kv: bool = True  # layer0: span tokens keep stage 1's exact KV in [0, det]
 
     def label(self) -> str:
         """Unique per configuration the benchmark compares: family[-scheme][-variant][@budget]."""
+        restore = "" if self.keep_detection_kv else "-restore"
         if self.name == "cacheblend":
-            return f"cacheblend@{self.ratio:.2f}"
+            return f"cacheblend{restore}@{self.ratio:.2f}"
         if self.name == "epic":
             return f"epic@{self.first_k}"
         base = self.name if self.scheme == "layer0" else f"{self.name}-{self.scheme}"
         base = f"{base}-{self.variant}" if self.variant else base
+        base += restore
         return base if self.name != "relay" or self.budget is None else f"{base}@{self.budget:.2f}"
 
 
@@ -242,6 +254,8 @@ class _Runner:
     def _restore(self, out: Any, rows: torch.Tensor, span_rows: torch.Tensor, mask: torch.Tensor,
                  first: int, det: int, start: int) -> None:
         """Span tokens keep the imported KV outside R × [start, end] (stage 1 wrote fresh KV)."""
+        if self.s.keep_detection_kv and first == 0:
+            return  # layer0: stage 1's KV in [0, det] is exact, kept for every span token
         cache, table = self.seq.cache, self.seq.table
         span_pos = rows[span_rows]
         for layer in range(first, det + 1):
