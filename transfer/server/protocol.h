@@ -21,6 +21,7 @@
 #include <string_view>
 #include <vector>
 
+#include "transfer/common/net.h"
 #include "transfer/common/status.h"
 
 namespace relaykv::wire {
@@ -91,9 +92,8 @@ Result<std::string> ParseReply(std::string_view body, std::string_view context);
 Status SendFrame(int fd, std::string_view frame, std::chrono::milliseconds timeout);
 Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout);
 
-// "host:port" → connected TCP socket (TCP_NODELAY), within `timeout`.
-Result<int> ConnectTcp(std::string_view host_port, std::chrono::milliseconds timeout);
-// Splits "host:port" (IPv4 or a name; port 1-65535).
-Status SplitHostPort(std::string_view host_port, std::string* host, uint16_t* port);
+// TCP helpers live in transfer/common/net.h; the wire names stay for callers.
+using net::ConnectTcp;
+using net::SplitHostPort;
 
 }  // namespace relaykv::wire

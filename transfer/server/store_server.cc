@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "transfer/common/net.h"
 #include "transfer/directory/directory.h"
 #include "transfer/record/record.h"
 #include "transfer/server/protocol.h"
@@ -36,29 +37,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using wire::Op;
 
-// Owns one file descriptor.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  UniqueFd(UniqueFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& o) noexcept {
-    if (this != &o) {
-      reset();
-      fd_ = std::exchange(o.fd_, -1);
-    }
-    return *this;
-  }
-  ~UniqueFd() { reset(); }
-  int get() const { return fd_; }
-  void reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_ = -1;
-};
+using net::ListenTcp;
+using net::UniqueFd;
 
 // Records are kept in the embedded store under a hash of (namespace, id): ids
 // are only unique within a namespace. The server also remembers the pair, so a
@@ -83,55 +63,6 @@ bool TokenEquals(std::string_view a, std::string_view b) {
     diff |= static_cast<unsigned char>(a[i] ^ b[i]);
   }
   return diff == 0;
-}
-
-Result<UniqueFd> ListenTcp(std::string_view host_port, std::string* bound) {
-  std::string host;
-  uint16_t port = 0;
-  // Port 0 is allowed here (the kernel picks one).
-  const size_t colon = host_port.rfind(':');
-  if (colon == std::string_view::npos) {
-    return InvalidArgument("listen address: expected host:port, got '" + std::string(host_port) +
-                           "'");
-  }
-  host = std::string(host_port.substr(0, colon));
-  const std::string port_str(host_port.substr(colon + 1));
-  char* end = nullptr;
-  const unsigned long p = std::strtoul(port_str.c_str(), &end, 10);
-  if (port_str.empty() || *end != '\0' || p > 65535) {
-    return InvalidArgument("listen address: bad port in '" + std::string(host_port) + "'");
-  }
-  port = static_cast<uint16_t>(p);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  if (host.empty() || host == "0.0.0.0" || host == "*") {
-    addr.sin_addr.s_addr = htonl(INADDR_ANY);
-    host = "0.0.0.0";
-  } else if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
-    addrinfo hints{};
-    hints.ai_family = AF_INET;
-    addrinfo* res = nullptr;
-    if (::getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
-      return InvalidArgument("listen address: cannot resolve '" + host + "'");
-    }
-    addr.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
-    ::freeaddrinfo(res);
-  }
-  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (fd.get() < 0) return Internal(std::string("socket: ") + std::strerror(errno));
-  const int one = 1;
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return Unavailable("bind " + std::string(host_port) + ": " + std::strerror(errno));
-  }
-  if (::listen(fd.get(), 128) != 0) {
-    return Unavailable("listen " + std::string(host_port) + ": " + std::strerror(errno));
-  }
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len);
-  *bound = host + ":" + std::to_string(ntohs(addr.sin_port));
-  return fd;
 }
 
 struct PendingWrite {
