@@ -9,8 +9,9 @@
 // and, per UCX wire, the fixed cost of a 4 KB record: write + notify
 // (flush, active message) + the peer's reply, median µs.
 // Where a CUDA device is usable (built with CUDA), also device-to-device
-// cudaMemcpy and UCX between GPU buffers of two processes (cuda_ipc, and tcp
-// staged through cuda_copy), in the same run.
+// cudaMemcpy, UCX between GPU buffers of two processes (cuda_ipc, and tcp
+// staged through cuda_copy) and NCCL between them (built with NCCL), in the
+// same run.
 // One JSON object per line on stdout.
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -30,6 +32,9 @@
 #include "tests/cpp/transport/peer_util.h"
 #include "transfer/store/segment_allocator.h"
 #include "transfer/transport/ucx_transport.h"
+#ifdef RELAYKV_BENCH_NCCL
+#include "transfer/transport/nccl_transport.h"
+#endif
 #ifdef RELAYKV_BENCH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -125,6 +130,81 @@ void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf,
   ep->reset();
 }
 
+#ifdef RELAYKV_BENCH_NCCL
+// NCCL between two processes on GPU buffers. With one GPU the peer claims
+// another NCCL_HOSTID, so this measures NCCL's socket transport through host
+// memory (what two hosts without GPUDirect RDMA get), not NVLink.
+void BenchNccl(uint8_t* buf) {
+  const char* path = "nccl_gpu";
+  ::setenv("NCCL_HOSTID", "relaykv-bench-initiator", 1);
+  ::setenv("NCCL_NET", "Socket", 1);
+  auto transport = NcclTransport::Create();
+  auto peer = testing::PeerProcess::SpawnWith(RELAYKV_NCCL_PEER,
+                                              {std::to_string(kMax), "relaykv-bench-target"});
+  if (!transport.ok() || !peer.ok()) {
+    JsonLine("transport")
+        .Str("path", path)
+        .Str("error", transport.ok() ? peer.status().ToString() : transport.status().ToString())
+        .Print();
+    return;
+  }
+  auto remote = RemoteDescriptor::Parse((*peer)->descriptor());
+  auto ep = (*transport)->Connect((*peer)->address());
+  if (!remote.ok() || !ep.ok()) {
+    JsonLine("transport")
+        .Str("path", path)
+        .Str("error", remote.ok() ? ep.status().ToString() : remote.status().ToString())
+        .Print();
+    return;
+  }
+  const auto timeout = std::chrono::seconds(60);
+  for (const char* op : {"write", "read"}) {
+    const bool write = std::strcmp(op, "write") == 0;
+    for (uint64_t size : kSizes) {
+      std::vector<double> t;
+      for (int i = 0; i < Reps(size) + 1; ++i) {
+        const double t0 = NowSeconds();
+        auto req = write ? (*ep)->Write(buf, size, *remote, 0) : (*ep)->Read(buf, size, *remote, 0);
+        Status s = req.ok() ? (*req)->Wait(timeout) : req.status();
+        if (s.ok() && write) {  // delivered at the target, as for UCX
+          auto f = (*ep)->Flush();
+          s = f.ok() ? (*f)->Wait(timeout) : f.status();
+        }
+        if (!s.ok()) {
+          JsonLine("transport").Str("path", path).Str("op", op).Str("error", s.ToString()).Print();
+          return;
+        }
+        if (i > 0) t.push_back(NowSeconds() - t0);
+      }
+      Report(path, op, size, t);
+    }
+  }
+  // Fixed cost of a small record: 4 KB write + notify, the peer's reply over its socket.
+  std::vector<double> rtt;
+  for (int i = 0; i < 300; ++i) {
+    const double t0 = NowSeconds();
+    auto w = (*ep)->Write(buf, 4096, *remote, 0);
+    auto n = (*ep)->Notify("ping");
+    Status s = w.ok() ? (*w)->Wait(timeout) : w.status();
+    if (s.ok()) s = n.ok() ? (*n)->Wait(timeout) : n.status();
+    auto pong = (*peer)->Recv(timeout);
+    if (!s.ok() || !pong.ok()) {
+      JsonLine("transport").Str("path", path).Str("op", "rtt").Str("error", "failed").Print();
+      return;
+    }
+    if (i >= 20) rtt.push_back(NowSeconds() - t0);
+  }
+  JsonLine("transport")
+      .Str("path", path)
+      .Str("op", "write_notify_rtt")
+      .Int("bytes", 4096)
+      .Int("reps", static_cast<int64_t>(rtt.size()))
+      .Num("p50_us", Median(rtt) * 1e6)
+      .Num("p90_us", bench::Percentile(rtt, 0.9) * 1e6)
+      .Print();
+}
+#endif
+
 #ifdef RELAYKV_BENCH_CUDA
 // The GPU rows: d2d cudaMemcpy (the ceiling) and UCX GPU-to-GPU between two
 // processes. Nothing is printed without a device (the CPU rows stand alone).
@@ -156,6 +236,9 @@ void BenchCuda() {
   cudaFree(dst);
   BenchUcx("ucx_cuda_ipc", "cuda_ipc,cuda_copy,tcp", false, src, MemoryKind::kCudaDevice, "cuda");
   BenchUcx("ucx_tcp_cuda_staged", "tcp,cuda_copy", true, src, MemoryKind::kCudaDevice, "cuda");
+#ifdef RELAYKV_BENCH_NCCL
+  BenchNccl(src);
+#endif
   cudaFree(src);
 }
 #endif

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <ostream>
 #include <string>
 #include <thread>
@@ -107,16 +108,25 @@ class PeerProcess {
   static Result<std::unique_ptr<PeerProcess>> Spawn(const std::string& exe, const std::string& tls,
                                                     uint64_t bytes, bool peer_errors = true,
                                                     const std::string& memory = "host") {
+    return SpawnWith(exe, {tls, std::to_string(bytes), peer_errors ? "peer" : "nopeer", memory});
+  }
+
+  // Any peer executable that takes the socket's fd first, then `args`, and
+  // answers with the same three frames.
+  static Result<std::unique_ptr<PeerProcess>> SpawnWith(const std::string& exe,
+                                                        const std::vector<std::string>& args) {
     int sv[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return Internal("socketpair failed");
-    const std::string fd_arg = std::to_string(sv[1]);
-    const std::string bytes_arg = std::to_string(bytes);
+    std::vector<std::string> argv_s{exe, std::to_string(sv[1])};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
     pid_t pid = ::fork();
     if (pid < 0) return Internal("fork failed");
     if (pid == 0) {
       ::close(sv[0]);
-      ::execl(exe.c_str(), exe.c_str(), fd_arg.c_str(), tls.c_str(), bytes_arg.c_str(),
-              peer_errors ? "peer" : "nopeer", memory.c_str(), nullptr);
+      ::execv(exe.c_str(), argv.data());
       _exit(127);
     }
     ::close(sv[1]);
@@ -151,6 +161,7 @@ class PeerProcess {
   }
 
   Status Send(std::string_view msg) { return SendFrame(fd_, msg); }
+  Result<std::string> Recv(std::chrono::milliseconds timeout) { return RecvFrame(fd_, timeout); }
   const std::string& address() const { return address_; }
   const std::string& descriptor() const { return descriptor_; }
 
