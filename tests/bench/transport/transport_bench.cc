@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,6 +55,57 @@ void Report(const char* path, const char* op, uint64_t size, const std::vector<d
   bench::Report("transport", path, op, size, secs);
 }
 
+// The write/read sweep (writes flushed, so the time covers delivery) and the
+// fixed cost of a small record (4 KB write + notify + the peer's answer, which
+// `await_reply` waits for) over one connected endpoint.
+void MeasureEndpoint(const char* path, Endpoint& ep, const RemoteDescriptor& remote, uint8_t* buf,
+                     std::chrono::seconds timeout, const std::function<Status()>& await_reply) {
+  for (const char* op : {"write", "read"}) {
+    const bool write = std::strcmp(op, "write") == 0;
+    for (uint64_t size : kSizes) {
+      std::vector<double> t;
+      for (int i = 0; i < Reps(size) + 1; ++i) {
+        const double t0 = NowSeconds();
+        auto req = write ? ep.Write(buf, size, remote, 0) : ep.Read(buf, size, remote, 0);
+        Status s = req.ok() ? (*req)->Wait(timeout) : req.status();
+        if (s.ok() && write) {
+          // A put is complete locally before it is visible remotely.
+          auto f = ep.Flush();
+          s = f.ok() ? (*f)->Wait(timeout) : f.status();
+        }
+        if (!s.ok()) {
+          JsonLine("transport").Str("path", path).Str("op", op).Str("error", s.ToString()).Print();
+          return;
+        }
+        if (i > 0) t.push_back(NowSeconds() - t0);
+      }
+      Report(path, op, size, t);
+    }
+  }
+  std::vector<double> rtt;
+  for (int i = 0; i < 300; ++i) {
+    const double t0 = NowSeconds();
+    auto w = ep.Write(buf, 4096, remote, 0);
+    auto n = ep.Notify("ping");
+    Status s = w.ok() ? (*w)->Wait(timeout) : w.status();
+    if (s.ok()) s = n.ok() ? (*n)->Wait(timeout) : n.status();
+    if (s.ok()) s = await_reply();
+    if (!s.ok()) {
+      JsonLine("transport").Str("path", path).Str("op", "rtt").Str("error", s.ToString()).Print();
+      return;
+    }
+    if (i >= 20) rtt.push_back(NowSeconds() - t0);
+  }
+  JsonLine("transport")
+      .Str("path", path)
+      .Str("op", "write_notify_rtt")
+      .Int("bytes", 4096)
+      .Int("reps", static_cast<int64_t>(rtt.size()))
+      .Num("p50_us", Median(rtt) * 1e6)
+      .Num("p90_us", bench::Percentile(rtt, 0.9) * 1e6)
+      .Print();
+}
+
 // `buf` is kMax bytes of `kind` memory; `peer_memory` is "host" or "cuda".
 void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf,
               MemoryKind kind = MemoryKind::kHost, const char* peer_memory = "host") {
@@ -71,62 +123,19 @@ void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf,
   auto remote = RemoteDescriptor::Parse((*peer)->descriptor());
   auto ep = (*transport)->Connect((*peer)->address());
   if (!remote.ok() || !ep.ok()) {
-    JsonLine("transport").Str("path", path).Str("error", ep.status().ToString()).Print();
+    JsonLine("transport")
+        .Str("path", path)
+        .Str("error", remote.ok() ? ep.status().ToString() : remote.status().ToString())
+        .Print();
     return;
   }
   // Registering the source too lets UCX use zero-copy without a lookup per op.
   auto local_reg = (*transport)->RegisterMemory(buf, kMax, kind);
   const auto timeout = std::chrono::seconds(30);
-  for (const char* op : {"write", "read"}) {
-    const bool write = std::strcmp(op, "write") == 0;
-    for (uint64_t size : kSizes) {
-      std::vector<double> t;
-      for (int i = 0; i < Reps(size) + 1; ++i) {
-        const double t0 = NowSeconds();
-        auto req = write ? (*ep)->Write(buf, size, *remote, 0) : (*ep)->Read(buf, size, *remote, 0);
-        Status s = req.ok() ? (*req)->Wait(timeout) : req.status();
-        if (s.ok() && write) {
-          // A put is complete locally before it is visible remotely; flush so
-          // the time covers delivery.
-          auto f = (*ep)->Flush();
-          s = f.ok() ? (*f)->Wait(timeout) : f.status();
-        }
-        if (!s.ok()) {
-          JsonLine("transport").Str("path", path).Str("op", op).Str("error", s.ToString()).Print();
-          return;
-        }
-        if (i > 0) t.push_back(NowSeconds() - t0);
-      }
-      Report(path, op, size, t);
-    }
-  }
-  // Fixed cost of a small record: 4 KB write, notify, the peer's reply.
-  std::vector<double> rtt;
-  for (int i = 0; i < 300; ++i) {
-    const double t0 = NowSeconds();
-    auto w = (*ep)->Write(buf, 4096, *remote, 0);
-    auto n = (*ep)->Notify("ping");
-    Status s = w.ok() ? (*w)->Wait(timeout) : w.status();
-    if (s.ok()) s = n.ok() ? (*n)->Wait(timeout) : n.status();
+  MeasureEndpoint(path, **ep, *remote, buf, timeout, [&]() -> Status {
     auto pong = (*transport)->WaitNotification(timeout);
-    if (!s.ok() || !pong.ok()) {
-      JsonLine("transport")
-          .Str("path", path)
-          .Str("op", "rtt")
-          .Str("error", s.ok() ? pong.status().ToString() : s.ToString())
-          .Print();
-      return;
-    }
-    if (i >= 20) rtt.push_back(NowSeconds() - t0);
-  }
-  JsonLine("transport")
-      .Str("path", path)
-      .Str("op", "write_notify_rtt")
-      .Int("bytes", 4096)
-      .Int("reps", static_cast<int64_t>(rtt.size()))
-      .Num("p50_us", Median(rtt) * 1e6)
-      .Num("p90_us", bench::Percentile(rtt, 0.9) * 1e6)
-      .Print();
+    return pong.ok() ? Status::Ok() : pong.status();
+  });
   ep->reset();
 }
 
@@ -158,50 +167,10 @@ void BenchNccl(uint8_t* buf) {
     return;
   }
   const auto timeout = std::chrono::seconds(60);
-  for (const char* op : {"write", "read"}) {
-    const bool write = std::strcmp(op, "write") == 0;
-    for (uint64_t size : kSizes) {
-      std::vector<double> t;
-      for (int i = 0; i < Reps(size) + 1; ++i) {
-        const double t0 = NowSeconds();
-        auto req = write ? (*ep)->Write(buf, size, *remote, 0) : (*ep)->Read(buf, size, *remote, 0);
-        Status s = req.ok() ? (*req)->Wait(timeout) : req.status();
-        if (s.ok() && write) {  // delivered at the target, as for UCX
-          auto f = (*ep)->Flush();
-          s = f.ok() ? (*f)->Wait(timeout) : f.status();
-        }
-        if (!s.ok()) {
-          JsonLine("transport").Str("path", path).Str("op", op).Str("error", s.ToString()).Print();
-          return;
-        }
-        if (i > 0) t.push_back(NowSeconds() - t0);
-      }
-      Report(path, op, size, t);
-    }
-  }
-  // Fixed cost of a small record: 4 KB write + notify, the peer's reply over its socket.
-  std::vector<double> rtt;
-  for (int i = 0; i < 300; ++i) {
-    const double t0 = NowSeconds();
-    auto w = (*ep)->Write(buf, 4096, *remote, 0);
-    auto n = (*ep)->Notify("ping");
-    Status s = w.ok() ? (*w)->Wait(timeout) : w.status();
-    if (s.ok()) s = n.ok() ? (*n)->Wait(timeout) : n.status();
-    auto pong = (*peer)->Recv(timeout);
-    if (!s.ok() || !pong.ok()) {
-      JsonLine("transport").Str("path", path).Str("op", "rtt").Str("error", "failed").Print();
-      return;
-    }
-    if (i >= 20) rtt.push_back(NowSeconds() - t0);
-  }
-  JsonLine("transport")
-      .Str("path", path)
-      .Str("op", "write_notify_rtt")
-      .Int("bytes", 4096)
-      .Int("reps", static_cast<int64_t>(rtt.size()))
-      .Num("p50_us", Median(rtt) * 1e6)
-      .Num("p90_us", bench::Percentile(rtt, 0.9) * 1e6)
-      .Print();
+  MeasureEndpoint(path, **ep, *remote, buf, timeout, [&]() -> Status {
+    auto pong = (*peer)->Recv(timeout);  // the NCCL peer answers over its socket
+    return pong.ok() ? Status::Ok() : pong.status();
+  });
 }
 #endif
 
