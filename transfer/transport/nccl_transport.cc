@@ -121,6 +121,7 @@ struct Channel {
   StreamPtr stream;
   CommPtr comm;
   bool broken = false;
+  bool aborted = false;  // Close() ran: events may complete without their transfer
   std::string why;
   std::string inbuf;  // control bytes read, not yet parsed
 
@@ -136,10 +137,13 @@ struct Channel {
     return ch;
   }
 
+  // Marks the connection unusable and shuts the control socket down, so the
+  // other side drops it too (and aborts whatever it had posted for it).
   Status Broken(Status s) {
     if (!broken) {
       broken = true;
       why = s.ToString();
+      if (sock.get() >= 0) ::shutdown(sock.get(), SHUT_RDWR);
     }
     return s;
   }
@@ -147,6 +151,7 @@ struct Channel {
   // flight, so no buffer of the caller is touched later) and closes the socket.
   void Close(std::string reason) {
     (void)Broken(Unavailable(std::move(reason)));
+    aborted = true;
     comm.reset();
     sock.reset();
   }
@@ -370,8 +375,8 @@ struct NcclTransport::Core {
         if (static_cast<Op>(p.cur.op) == Op::kNotify) {
           notes.push_back(std::move(p.note));
           p.note.clear();
-          return true;
         }
+        // Flush and Notify complete at the initiator with this acknowledgement.
         return ch.SendControl(HeaderBytes(Op::kAck, 0, 0, 0, 0, p.cur.seq)).ok();
       }
       case Phase::kReady:
@@ -459,7 +464,8 @@ struct Conn {
   // One round: the target side of this transport, acknowledgements, NCCL errors.
   Status Poll() {
     core->Progress();
-    RELAYKV_RETURN_IF_ERROR(ch->ReadSocket());
+    // Acknowledgements that arrived just before the socket closed still count.
+    const Status socket = ch->ReadSocket();
     while (ch->inbuf.size() >= sizeof(Header)) {
       Header h;
       std::memcpy(&h, ch->inbuf.data(), sizeof(h));
@@ -469,6 +475,7 @@ struct Conn {
       }
       acked = std::max(acked, h.seq);
     }
+    RELAYKV_RETURN_IF_ERROR(socket);
     bool busy = false;
     return ch->Poll(&busy);
   }
@@ -493,9 +500,10 @@ struct Conn {
 
 class NcclRequest final : public TransferRequest {
  public:
-  // Completes when `ev` did (data ops), or when flush `seq` was acknowledged.
-  NcclRequest(std::shared_ptr<Conn> conn, EventPtr ev, uint64_t flush_seq)
-      : conn_(std::move(conn)), ev_(std::move(ev)), flush_seq_(flush_seq) {}
+  // Completes when `ev` did (data ops), or when the target acknowledged
+  // `ack_seq` (flush, notify).
+  NcclRequest(std::shared_ptr<Conn> conn, EventPtr ev, uint64_t ack_seq)
+      : conn_(std::move(conn)), ev_(std::move(ev)), ack_seq_(ack_seq) {}
 
   Status Wait(std::chrono::milliseconds timeout) override {
     DeviceScope scope(conn_->ch->device);
@@ -516,24 +524,26 @@ class NcclRequest final : public TransferRequest {
 
  private:
   Result<bool> Check() {
-    // A closed connection cancelled what was in flight: its events may complete without the data.
-    if (conn_->ch->broken) return Unavailable("nccl: connection is closed: " + conn_->ch->why);
-    if (ev_ && cudaEventQuery(ev_.get()) == cudaSuccess) return true;
-    if (!ev_ && conn_->acked >= flush_seq_) return true;
+    if (done_) return true;
+    // An aborted communicator cancelled what was in flight; its events may
+    // still complete, without the data.
+    if (conn_->ch->aborted) return Unavailable("nccl: connection is closed: " + conn_->ch->why);
+    if (Finished()) return done_ = true;
     RELAYKV_RETURN_IF_ERROR(conn_->Poll());
-    if (ev_) return EventDone(*conn_->ch, ev_);
-    return conn_->acked >= flush_seq_;
+    if (ev_) {
+      RELAYKV_ASSIGN_OR_RETURN(done_, EventDone(*conn_->ch, ev_));
+      return done_;
+    }
+    return done_ = conn_->acked >= ack_seq_;
+  }
+  bool Finished() const {
+    return ev_ ? cudaEventQuery(ev_.get()) == cudaSuccess : conn_->acked >= ack_seq_;
   }
 
   std::shared_ptr<Conn> conn_;
   EventPtr ev_;
-  uint64_t flush_seq_;
-};
-
-class DoneRequest final : public TransferRequest {
- public:
-  Status Wait(std::chrono::milliseconds) override { return Status::Ok(); }
-  bool Test() override { return true; }
+  uint64_t ack_seq_;
+  bool done_ = false;
 };
 
 class NcclEndpoint final : public Endpoint {
@@ -570,11 +580,15 @@ class NcclEndpoint final : public Endpoint {
       return InvalidArgument("nccl: notification longer than " +
                              std::to_string(kMaxNotificationBytes) + " bytes");
     }
-    // The target delivers it only after everything before it completed.
-    std::string bytes = HeaderBytes(Op::kNotify, 0, 0, 0, message.size(), ++conn_->next_seq);
+    // The target delivers it only after everything before it completed, then
+    // acknowledges: completion means delivered, so closing after it loses nothing.
+    DeviceScope scope(conn_->ch->device);
+    RELAYKV_RETURN_IF_ERROR(scope.status());
+    const uint64_t seq = ++conn_->next_seq;
+    std::string bytes = HeaderBytes(Op::kNotify, 0, 0, 0, message.size(), seq);
     bytes.append(message);
     RELAYKV_RETURN_IF_ERROR(conn_->ch->SendControl(bytes));
-    return std::unique_ptr<TransferRequest>(new DoneRequest());
+    return std::unique_ptr<TransferRequest>(new NcclRequest(conn_, nullptr, seq));
   }
   bool healthy() const override { return !conn_->ch->broken; }
 
@@ -592,9 +606,17 @@ class NcclEndpoint final : public Endpoint {
                              ") is outside the remote region of " + std::to_string(remote.length) +
                              " bytes");
     }
-    if (local == nullptr && length > 0) return InvalidArgument("nccl: null local buffer");
     DeviceScope scope(conn_->ch->device);
     RELAYKV_RETURN_IF_ERROR(scope.status());
+    if (length > 0) {  // checked before the header goes: the target would post its side
+      cudaPointerAttributes attr{};
+      if (local == nullptr || cudaPointerGetAttributes(&attr, local) != cudaSuccess ||
+          attr.type != cudaMemoryTypeDevice || attr.device != conn_->ch->device) {
+        cudaGetLastError();
+        return InvalidArgument("nccl: the local buffer is not device memory of CUDA device " +
+                               std::to_string(conn_->ch->device));
+      }
+    }
     uint64_t reg = 0;
     std::memcpy(&reg, remote.access_key.data(), sizeof(reg));
     Channel& ch = *conn_->ch;

@@ -14,21 +14,25 @@
 //
 // Ordering: the target serves one connection's headers in order on one
 // stream. A notification is delivered to WaitNotification only after every
-// transfer before it completed; Flush() is a header the target acknowledges
-// over the socket once everything before it completed.
+// transfer before it completed, and Flush() likewise; the target then
+// acknowledges over the socket, which is when Notify()/Flush() requests
+// complete (so an endpoint closed after them loses nothing).
 //
 // Connection set-up:
 //   target:    LocalAddress() makes an ncclUniqueId, starts a non-blocking
 //              ncclCommInitRankConfig as rank 0 of 2 and returns a blob with
 //              the id, a one-time token and the control socket's host:port.
 //              The blob admits ONE peer; call LocalAddress() again for the
-//              next. A blob nobody used expires after options.listen_timeout.
+//              next. A blob nobody used expires after options.listen_timeout
+//              (NCCL's own rendezvous listener for that id stays until the
+//              process exits, so make blobs when a peer asks for one).
 //   initiator: Connect(blob) opens the control socket, presents the token and
 //              joins the communicator as rank 1 (options.connect_timeout).
 //
 // Only GPU memory is registered (MemoryKind::kCudaDevice); host memory is
 // Unimplemented (use UCX). The local buffer of Read/Write must be device
-// memory of this transport's device.
+// memory of this transport's device (checked). A registration must lie
+// within one allocation; its length is trusted.
 //
 // Failure: waits poll the operation's CUDA event, the communicator's
 // asynchronous error and the control socket, so a peer that died is
