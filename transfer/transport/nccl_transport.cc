@@ -10,7 +10,6 @@
 #include <cstring>
 #include <deque>
 #include <memory>
-#include <random>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -27,13 +26,14 @@ using Clock = std::chrono::steady_clock;
 using net::UniqueFd;
 
 constexpr char kAddrMagic[4] = {'R', 'K', 'V', 'N'};
-constexpr uint32_t kAddrVersion = 2;
+constexpr uint32_t kAddrVersion = 3;
 constexpr size_t kUniqueIdBytes = 128;
-constexpr size_t kAddrFixedBytes = 4 + 4 + kUniqueIdBytes + 8 + 2 + 1;
+constexpr size_t kAddrFixedBytes = 4 + 4 + 2 + 1;
 constexpr uint32_t kHeaderMagic = 0x484e4b52;  // "RKNH"
 constexpr uint32_t kHelloMagic = 0x4f4c4548;   // "HELO"
-constexpr int kTargetRank = 0;
-constexpr int kInitiatorRank = 1;
+// The initiator makes the communicator's unique id, so it is rank 0.
+constexpr int kInitiatorRank = 0;
+constexpr int kTargetRank = 1;
 
 enum class Op : uint32_t { kWrite = 1, kRead = 2, kFlush = 3, kNotify = 4, kClose = 5, kAck = 6 };
 
@@ -50,10 +50,11 @@ struct Header {
 };
 static_assert(sizeof(Header) == 64 && std::is_trivially_copyable_v<Header>);
 
+// The initiator's first bytes on a control connection.
 struct Hello {
   uint32_t magic;
   uint32_t pad;
-  uint64_t token;
+  char unique_id[kUniqueIdBytes];
 };
 
 Status CudaError(cudaError_t e, std::string_view what,
@@ -255,11 +256,6 @@ struct NcclTransport::Core {
     uint64_t addr;
     uint64_t length;
   };
-  struct Pending {  // a LocalAddress() blob not used yet
-    uint64_t token = 0;
-    std::unique_ptr<Channel> ch;
-    Clock::time_point expires;
-  };
   struct Greeting {  // an accepted control socket that has not said hello yet
     UniqueFd sock;
     std::string in;
@@ -284,11 +280,9 @@ struct NcclTransport::Core {
   uint16_t port = 0;
   uint64_t next_reg = 1;
   std::unordered_map<uint64_t, Region> regions;
-  std::vector<Pending> pending;
   std::vector<Greeting> greetings;
   std::vector<Peer> peers;
   std::deque<std::string> notes;
-  std::mt19937_64 rng{std::random_device{}()};
 
   bool Accept() {
     bool did = false;
@@ -308,29 +302,20 @@ struct NcclTransport::Core {
       if (g.in.size() == sizeof(Hello)) {
         Hello h;
         std::memcpy(&h, g.in.data(), sizeof(h));
-        for (size_t j = 0; j < pending.size(); ++j) {
-          if (h.magic == kHelloMagic && pending[j].token == h.token) {
+        if (h.magic == kHelloMagic) {  // else: a stray connection, closed below
+          auto ch = Channel::Make(options.device, options.op_timeout);
+          if (ch.ok() &&
+              StartInit(ch->get(), std::string(h.unique_id, kUniqueIdBytes), kTargetRank).ok()) {
             Peer p;
-            p.ch = std::move(pending[j].ch);
+            p.ch = std::move(*ch);
             p.ch->sock = std::move(g.sock);
             peers.push_back(std::move(p));
-            pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(j));
-            break;
           }
         }
-        greetings.erase(greetings.begin() + static_cast<std::ptrdiff_t>(i));  // closes strays
+        greetings.erase(greetings.begin() + static_cast<std::ptrdiff_t>(i));
         did = true;
       } else if (dead || Clock::now() >= g.expires) {
         greetings.erase(greetings.begin() + static_cast<std::ptrdiff_t>(i));
-        did = true;
-      } else {
-        ++i;
-      }
-    }
-    const auto now = Clock::now();
-    for (size_t i = 0; i < pending.size();) {
-      if (now >= pending[i].expires) {
-        pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(i));  // aborts the init
         did = true;
       } else {
         ++i;
@@ -655,10 +640,6 @@ class NcclRegistration final : public MemoryRegistration {
 std::string NcclAddress::Pack() const {
   std::string out(kAddrMagic, 4);
   out.append(reinterpret_cast<const char*>(&kAddrVersion), sizeof(kAddrVersion));
-  std::string id = unique_id;
-  id.resize(kUniqueIdBytes, '\0');
-  out.append(id);
-  out.append(reinterpret_cast<const char*>(&token), sizeof(token));
   out.append(reinterpret_cast<const char*>(&port), sizeof(port));
   out.push_back(static_cast<char>(static_cast<uint8_t>(host.size())));
   out.append(host);
@@ -677,10 +658,6 @@ Result<NcclAddress> NcclAddress::Parse(std::string_view blob) {
   }
   NcclAddress a;
   size_t at = 8;
-  a.unique_id.assign(blob.data() + at, kUniqueIdBytes);
-  at += kUniqueIdBytes;
-  std::memcpy(&a.token, blob.data() + at, sizeof(a.token));
-  at += sizeof(a.token);
   std::memcpy(&a.port, blob.data() + at, sizeof(a.port));
   at += sizeof(a.port);
   const size_t host_len = static_cast<uint8_t>(blob[at++]);
@@ -715,7 +692,6 @@ Result<std::unique_ptr<NcclTransport>> NcclTransport::Create(const NcclTransport
 NcclTransport::~NcclTransport() {
   DeviceScope scope(core_->options.device);
   core_->peers.clear();
-  core_->pending.clear();
 }
 
 Result<std::unique_ptr<MemoryRegistration>> NcclTransport::RegisterMemory(void* addr, size_t length,
@@ -744,22 +720,9 @@ Result<std::unique_ptr<MemoryRegistration>> NcclTransport::RegisterMemory(void* 
 }
 
 Result<std::string> NcclTransport::LocalAddress() {
-  DeviceScope scope(core_->options.device);
-  RELAYKV_RETURN_IF_ERROR(scope.status());
-  ncclUniqueId id;
-  if (ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess) {
-    return NcclError(r, "ncclGetUniqueId");
-  }
   NcclAddress a;
-  a.unique_id.assign(id.internal, kUniqueIdBytes);
-  a.token = core_->rng();
   a.port = core_->port;
   a.host = core_->advertise;
-  RELAYKV_ASSIGN_OR_RETURN(auto ch,
-                           Channel::Make(core_->options.device, core_->options.op_timeout));
-  RELAYKV_RETURN_IF_ERROR(StartInit(ch.get(), a.unique_id, kTargetRank));
-  core_->pending.push_back(
-      Core::Pending{a.token, std::move(ch), Clock::now() + core_->options.listen_timeout});
   return a.Pack();
 }
 
@@ -773,18 +736,27 @@ Result<std::unique_ptr<Endpoint>> NcclTransport::Connect(std::string_view peer_a
   auto fd = net::ConnectTcp(a.host + ":" + std::to_string(a.port), core_->options.connect_timeout);
   if (!fd.ok()) return fd.status().WithContext("nccl: connect: control socket");
   ch->sock = UniqueFd(*fd);
-  Hello hello{kHelloMagic, 0, a.token};
+  // A fresh communicator per connection, rooted here; the target joins it
+  // when the hello arrives.
+  ncclUniqueId id;
+  if (ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess) {
+    return NcclError(r, "ncclGetUniqueId");
+  }
+  Hello hello{};
+  hello.magic = kHelloMagic;
+  std::memcpy(hello.unique_id, id.internal, kUniqueIdBytes);
   RELAYKV_RETURN_IF_ERROR(net::SendAll(
       ch->sock.get(), std::string_view(reinterpret_cast<const char*>(&hello), sizeof(hello)),
       deadline));
-  if (Status s = StartInit(ch.get(), a.unique_id, kInitiatorRank); !s.ok()) {
+  if (Status s = StartInit(ch.get(), std::string(id.internal, kUniqueIdBytes), kInitiatorRank);
+      !s.ok()) {
     return Unavailable("nccl: connect: " + s.ToString());
   }
   for (;;) {
     core_->Progress();  // this transport may be the other side's target too
     bool busy = false;
     if (Status s = ch->Poll(&busy); !s.ok()) return Unavailable("nccl: connect: " + s.ToString());
-    // The target closes the control socket at once when it does not know the token.
+    // A target that cannot join closes the control socket.
     if (Status s = ch->ReadSocket(); !s.ok()) return Unavailable("nccl: connect: " + s.ToString());
     if (!busy) break;
     if (Clock::now() >= deadline) {

@@ -18,16 +18,13 @@
 // acknowledges over the socket, which is when Notify()/Flush() requests
 // complete (so an endpoint closed after them loses nothing).
 //
-// Connection set-up:
-//   target:    LocalAddress() makes an ncclUniqueId, starts a non-blocking
-//              ncclCommInitRankConfig as rank 0 of 2 and returns a blob with
-//              the id, a one-time token and the control socket's host:port.
-//              The blob admits ONE peer; call LocalAddress() again for the
-//              next. A blob nobody used expires after options.listen_timeout
-//              (NCCL's own rendezvous listener for that id stays until the
-//              process exits, so make blobs when a peer asks for one).
-//   initiator: Connect(blob) opens the control socket, presents the token and
-//              joins the communicator as rank 1 (options.connect_timeout).
+// Connection set-up: the target's LocalAddress() blob is the host:port of its
+// control socket, one address for any number of peers, so it can be
+// published in the directory like a UCX worker address. Connect(blob) opens
+// the control socket, makes an ncclUniqueId, sends it in a hello and starts
+// a non-blocking ncclCommInitRankConfig as rank 0 of 2; the target's
+// Progress() accepts the socket, reads the hello and joins as rank 1.
+// Connect waits for the communicator (options.connect_timeout).
 //
 // Only GPU memory is registered (MemoryKind::kCudaDevice); host memory is
 // Unimplemented (use UCX). The local buffer of Read/Write must be device
@@ -67,8 +64,6 @@ struct NcclTransportOptions {
   std::string advertise_host;
   // How long Connect() waits for the control socket and the communicator.
   std::chrono::milliseconds connect_timeout{30000};
-  // How long an unused LocalAddress() blob stays valid.
-  std::chrono::milliseconds listen_timeout{600000};
   // Limit on each NCCL enqueue that has to wait for NCCL's lazy connection
   // set-up, and on each control-socket write.
   std::chrono::milliseconds op_timeout{30000};
@@ -83,7 +78,7 @@ class NcclTransport final : public Transport {
   std::string_view name() const override { return "nccl"; }
   Result<std::unique_ptr<MemoryRegistration>> RegisterMemory(void* addr, size_t length,
                                                              MemoryKind kind) override;
-  // A fresh blob per call, each admitting one peer (see above).
+  // The control socket's address (see above); the same for every call.
   Result<std::string> LocalAddress() override;
   Result<std::unique_ptr<Endpoint>> Connect(std::string_view peer_address) override;
   Result<std::string> WaitNotification(std::chrono::milliseconds timeout) override;
@@ -99,11 +94,9 @@ class NcclTransport final : public Transport {
   std::shared_ptr<Core> core_;
 };
 
-// The address blob, parsed: "RKVN", u32 version, the 128-byte ncclUniqueId,
-// u64 token, u16 port, u8 host length, host. InvalidArgument when malformed.
+// The address blob, parsed: "RKVN", u32 version, u16 port, u8 host length,
+// host. InvalidArgument when malformed.
 struct NcclAddress {
-  std::string unique_id;  // 128 bytes
-  uint64_t token = 0;
   uint16_t port = 0;
   std::string host;
 

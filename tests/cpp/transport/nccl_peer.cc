@@ -7,9 +7,9 @@
 // the transport and answers each notification over the socket:
 //   "verify <offset> <length> <seed>" -> "ok", "bad <index>" or "error <why>"
 //   anything else                      -> "got <message>"
-// Over the socket, the parent's "address" asks for another address blob (one
-// per connection), "peers" for the number of connections served, "verify ..."
-// checks the region directly (as above); "exit" or a closed socket ends it.
+// Over the socket, the parent's "peers" asks for the number of connections
+// served, "verify ..." checks the region directly (as above); "exit" or a
+// closed socket ends it.
 #include <cuda_runtime.h>
 #include <poll.h>
 
@@ -99,10 +99,7 @@ int main(int argc, char** argv) {
     if (::poll(&pfd, 1, 0) > 0) {
       auto cmd = RecvFrame(fd, std::chrono::seconds(1));
       if (!cmd.ok() || *cmd == "exit") break;
-      if (*cmd == "address") {
-        auto more = (*transport)->LocalAddress();
-        if (!SendFrame(fd, more.ok() ? *more : "ERR " + more.status().ToString()).ok()) return 6;
-      } else if (*cmd == "peers") {
+      if (*cmd == "peers") {
         if (!SendFrame(fd, std::to_string((*transport)->served_peers())).ok()) return 7;
       } else if (cmd->rfind("verify ", 0) == 0) {
         if (!SendFrame(fd, Verify(region, bytes, *cmd)).ok()) return 8;

@@ -33,8 +33,6 @@ using testing::FillPattern;
 
 NcclAddress Sample() {
   NcclAddress a;
-  a.unique_id.assign(128, '\x5a');
-  a.token = 0x1122334455667788ull;
   a.port = 40123;
   a.host = "10.1.2.3";
   return a;
@@ -44,8 +42,6 @@ TEST(NcclAddress, RoundTripsAndRefusesMalformedBlobs) {
   const std::string blob = Sample().Pack();
   auto back = NcclAddress::Parse(blob);
   ASSERT_TRUE(back.ok()) << back.status().ToString();
-  EXPECT_EQ(back->unique_id, Sample().unique_id);
-  EXPECT_EQ(back->token, Sample().token);
   EXPECT_EQ(back->port, 40123);
   EXPECT_EQ(back->host, "10.1.2.3");
 
@@ -57,10 +53,10 @@ TEST(NcclAddress, RoundTripsAndRefusesMalformedBlobs) {
   ucx[3] = 'U';  // "RKVU": a UCX address
   EXPECT_EQ(NcclAddress::Parse(ucx).status().code(), StatusCode::kInvalidArgument);
   std::string v1 = blob;
-  v1[4] = 1;
+  v1[4] = 2;  // the earlier layout, with a one-time id in the blob
   const Status old = NcclAddress::Parse(v1).status();
   EXPECT_EQ(old.code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(old.message().find("version 1"), std::string_view::npos) << old.ToString();
+  EXPECT_NE(old.message().find("version 2"), std::string_view::npos) << old.ToString();
   NcclAddress no_port = Sample();
   no_port.port = 0;
   EXPECT_EQ(NcclAddress::Parse(no_port.Pack()).status().code(), StatusCode::kInvalidArgument);
@@ -257,25 +253,21 @@ TEST_F(NcclTwoProcessTest, ATamperedDescriptorEndsTheConnectionNotTheTargetsMemo
   EXPECT_EQ(Reply(), "ok");
 }
 
-TEST_F(NcclTwoProcessTest, EachAddressAdmitsOneMorePeer) {
-  ASSERT_TRUE(peer_->Send("address").ok());
-  auto blob = peer_->Recv(seconds(30));
-  ASSERT_TRUE(blob.ok());
-  ASSERT_TRUE(NcclAddress::Parse(*blob).ok()) << *blob;
-  auto second = transport_->Connect(*blob);
+TEST_F(NcclTwoProcessTest, OneAddressServesManyPeers) {
+  auto second = transport_->Connect(peer_->address());  // the same blob as the first
   ASSERT_TRUE(second.ok()) << second.status().ToString();
   WriteAndVerify(**second, 1 << 20, 4096, 31);
   WriteAndVerify(*ep_, 1 << 20, 8192, 32);
   ASSERT_TRUE(peer_->Send("peers").ok());
   EXPECT_EQ(Reply(), "2");
   second->reset();  // a closed endpoint ends its connection on the target
-  for (int i = 0; i < 100; ++i) {
+  std::string peers;
+  for (int i = 0; i < 100 && peers != "1"; ++i) {
+    std::this_thread::sleep_for(milliseconds(20));
     ASSERT_TRUE(peer_->Send("peers").ok());
-    if (Reply() == "1") break;
-    std::this_thread::sleep_for(milliseconds(50));
+    peers = Reply();
   }
-  ASSERT_TRUE(peer_->Send("peers").ok());
-  EXPECT_EQ(Reply(), "1");
+  EXPECT_EQ(peers, "1");
   WriteAndVerify(*ep_, 4096, 0, 33);
 }
 
