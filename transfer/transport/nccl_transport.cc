@@ -53,9 +53,20 @@ static_assert(sizeof(Header) == 64 && std::is_trivially_copyable_v<Header>);
 // The initiator's first bytes on a control connection.
 struct Hello {
   uint32_t magic;
-  uint32_t pad;
+  uint32_t token_length;
   char unique_id[kUniqueIdBytes];
+  char token[kMaxNcclTokenBytes];
 };
+
+bool TokenEquals(const Hello& h, const std::string& token) {
+  // Constant time in the content, so a token cannot be found byte by byte.
+  if (h.token_length != token.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < token.size(); ++i) {
+    diff |= static_cast<unsigned char>(h.token[i] ^ token[i]);
+  }
+  return diff == 0;
+}
 
 Status CudaError(cudaError_t e, std::string_view what,
                  std::source_location loc = std::source_location::current()) {
@@ -302,7 +313,8 @@ struct NcclTransport::Core {
       if (g.in.size() == sizeof(Hello)) {
         Hello h;
         std::memcpy(&h, g.in.data(), sizeof(h));
-        if (h.magic == kHelloMagic) {  // else: a stray connection, closed below
+        // Anything else (a stray connection, a wrong token) is closed below.
+        if (h.magic == kHelloMagic && TokenEquals(h, options.token)) {
           auto ch = Channel::Make(options.device, options.op_timeout);
           if (ch.ok() &&
               StartInit(ch->get(), std::string(h.unique_id, kUniqueIdBytes), kTargetRank).ok()) {
@@ -678,6 +690,10 @@ Result<std::unique_ptr<NcclTransport>> NcclTransport::Create(const NcclTransport
     return Unavailable("nccl: CUDA device " + std::to_string(options.device) + " of " +
                        std::to_string(n) + " requested");
   }
+  if (options.token.size() > kMaxNcclTokenBytes) {
+    return InvalidArgument("nccl: token longer than " + std::to_string(kMaxNcclTokenBytes) +
+                           " bytes");
+  }
   auto core = std::make_shared<Core>();
   core->options = options;
   std::string bound;
@@ -745,6 +761,8 @@ Result<std::unique_ptr<Endpoint>> NcclTransport::Connect(std::string_view peer_a
   Hello hello{};
   hello.magic = kHelloMagic;
   std::memcpy(hello.unique_id, id.internal, kUniqueIdBytes);
+  hello.token_length = static_cast<uint32_t>(core_->options.token.size());
+  std::memcpy(hello.token, core_->options.token.data(), core_->options.token.size());
   RELAYKV_RETURN_IF_ERROR(net::SendAll(
       ch->sock.get(), std::string_view(reinterpret_cast<const char*>(&hello), sizeof(hello)),
       deadline));

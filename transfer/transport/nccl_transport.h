@@ -56,6 +56,8 @@
 
 namespace relaykv {
 
+inline constexpr size_t kMaxNcclTokenBytes = 64;
+
 struct NcclTransportOptions {
   int device = 0;  // CUDA device ordinal; buffers must live on it
   // Host the control socket listens on, and the one written into address
@@ -64,6 +66,10 @@ struct NcclTransportOptions {
   std::string advertise_host;
   // How long Connect() waits for the control socket and the communicator.
   std::chrono::milliseconds connect_timeout{30000};
+  // Shared secret every peer presents in its hello; a target serves only
+  // peers whose token equals its own (both empty: no check). At most
+  // kMaxNcclTokenBytes.
+  std::string token;
   // Limit on each NCCL enqueue that has to wait for NCCL's lazy connection
   // set-up, and on each control-socket write.
   std::chrono::milliseconds op_timeout{30000};

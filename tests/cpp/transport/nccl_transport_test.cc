@@ -92,6 +92,9 @@ TEST(NcclTransportCreate, NeedsADeviceAndGpuMemory) {
   NcclTransportOptions far;
   far.device = 4096;
   EXPECT_EQ(NcclTransport::Create(far).status().code(), StatusCode::kUnavailable);
+  NcclTransportOptions long_token;
+  long_token.token.assign(kMaxNcclTokenBytes + 1, 't');
+  EXPECT_EQ(NcclTransport::Create(long_token).status().code(), StatusCode::kInvalidArgument);
 }
 
 class NcclTwoProcessTest : public ::testing::Test {
@@ -269,6 +272,19 @@ TEST_F(NcclTwoProcessTest, OneAddressServesManyPeers) {
   }
   EXPECT_EQ(peers, "1");
   WriteAndVerify(*ep_, 4096, 0, 33);
+}
+
+TEST_F(NcclTwoProcessTest, APeerWithTheWrongTokenIsNotServed) {
+  // The peer runs with an empty token; this one presents another.
+  NcclTransportOptions o;
+  o.token = "not-the-deployments-token";
+  o.connect_timeout = milliseconds(5000);
+  auto stranger = NcclTransport::Create(o);
+  ASSERT_TRUE(stranger.ok()) << stranger.status().ToString();
+  auto ep = (*stranger)->Connect(peer_->address());
+  EXPECT_EQ(ep.status().code(), StatusCode::kUnavailable) << ep.status().ToString();
+  ASSERT_TRUE(peer_->Send("peers").ok());
+  EXPECT_EQ(Reply(), "1");  // only the fixture's connection
 }
 
 TEST_F(NcclTwoProcessTest, PeerDeathIsUnavailableWithinTheTimeoutNotAHang) {
