@@ -332,3 +332,19 @@ def test_bench_rows_summarise_per_strategy_and_agent():
     assert {line["strategy"] for line in lines} == {"full", "relay"}
     s = summarise(lines + _flatten(1, "code", {**row, "ttft_ms": {"full": 20.0, "relay": 6.0}}))
     assert s[("relay", 1)]["ttft_ms"] == 5.0 and s[("relay", -1)]["speedup"] == 2.5
+
+
+def test_bench_strategies_label_every_configuration_apart():
+    from relaykv.rectify.bench import bench_strategies
+
+    profile = {"start_layer": 5, "det_layer": 5, "end_layer": 29, "tau_dev": 1.5, "tau_inf": 1.5,
+               "suffix_tokens": 8, "scheme": "layer0"}
+    plain = bench_strategies(profile, [0.15], [16], with_hidden=False)
+    both = bench_strategies(profile, [0.15], [16], with_hidden=False, with_restore=True)
+    labels = [s.label() for s in both]
+    assert len(labels) == len(set(labels))  # the benchmark keys rows by label
+    assert {s.label() for s in plain} < set(labels)
+    restored = [s for s in both if not s.keep_detection_kv]
+    assert sorted(s.label() for s in restored) == ["cacheblend-restore@0.15", "relay-restore",
+                                                    "relay-restore@0.15"]
+    assert all(s.keep_detection_kv for s in plain)
