@@ -107,12 +107,17 @@ class Instance:
         return self.executor.prefill(seq.cache, list(ids), seq.table, start=start)
 
     def decode(self, seq: Sequence_, logits: torch.Tensor, start: int, max_new: int,
-               stop_at_eos: bool = True) -> list[int]:
+               stop_at_eos: bool = True, min_new: int = 0) -> list[int]:
         """Greedy tokens after a prompt of `start` tokens whose last logits are given; the KV
-        of every returned token but the last is in the cache."""
+        of every returned token but the last is in the cache. EOS cannot be chosen before
+        `min_new` tokens (vLLM's min_tokens), which lets a workload ask for longer answers."""
         out: list[int] = []
         self._decode_hidden = {layer: [] for layer in self.checkpoint_layers}
+        eos = sorted(self.eos)
         for step in range(max_new):
+            if step < min_new and eos:
+                logits = logits.clone()
+                logits[eos] = float("-inf")
             token = int(torch.argmax(logits))
             out.append(token)
             if (stop_at_eos and token in self.eos) or step == max_new - 1:
@@ -261,7 +266,7 @@ def warm_up(inst: Instance, tokens: int = 256) -> None:
 
 def run_chain(inst: Instance, task: str, *, num_agents: int, max_new_tokens: int,
               strategies: Sequence[Any] | None = None, repeats: int = 1,
-              on_agent: Callable[[dict], None] | None = None) -> list[dict]:
+              on_agent: Callable[[dict], None] | None = None, min_new_tokens: int = 0) -> list[dict]:
     """Runs one task through the chain; returns one result row per agent.
 
     Every agent's prompt is prefilled in full (the reference) and with each
@@ -278,7 +283,7 @@ def run_chain(inst: Instance, task: str, *, num_agents: int, max_new_tokens: int
     earlier: list[tuple[str, str]] = []
     for i in range(min(num_agents, len(AGENTS))):
         row = run_agent(inst, task, i, earlier, strategies=strategies,
-                        max_new_tokens=max_new_tokens, repeats=repeats)
+                        max_new_tokens=max_new_tokens, repeats=repeats, min_new_tokens=min_new_tokens)
         earlier.append((row["name"], row["output"]))
         rows.append(row)
         if on_agent:
@@ -287,14 +292,15 @@ def run_chain(inst: Instance, task: str, *, num_agents: int, max_new_tokens: int
 
 
 def run_agent(inst: Instance, task: str, i: int, earlier: Sequence[tuple[str, str]], *,
-              strategies: Sequence[Any], max_new_tokens: int, repeats: int = 1) -> dict:
+              strategies: Sequence[Any], max_new_tokens: int, repeats: int = 1,
+              min_new_tokens: int = 0) -> dict:
     """Agent i of the chain on `inst`: its prompt (system prompt, task, the earlier
     agents' (name, output) pairs) prefilled in full and with each strategy, measured;
     then its answer decoded from the exact cache and exported. Returns its row."""
     name, system = AGENTS[i]
     ids = inst.chat_ids(system, agent_user_message(task, earlier))
     row = {"agent": i, "name": name, **measure_prompt(inst, ids, strategies if i > 0 else [], repeats=repeats)}
-    row.update(answer(inst, ids, max_new_tokens))
+    row.update(answer(inst, ids, max_new_tokens, min_new_tokens=min_new_tokens))
     return row
 
 
@@ -334,12 +340,12 @@ def measure_prompt(inst: Instance, ids: Sequence[int], strategies: Sequence[Any]
 
 
 def answer(inst: Instance, ids: Sequence[int], max_new_tokens: int, *,
-           export_prompt_from: int | None = None) -> dict:
+           export_prompt_from: int | None = None, min_new_tokens: int = 0) -> dict:
     """The agent's answer to `ids`, decoded from its exact cache, exported for the agents
     after it (and, with export_prompt_from, the prompt's positions from there on too)."""
     seq_dec = inst.new_sequence(len(ids) + max_new_tokens + 1)
     logits = inst.prefill(seq_dec, ids, 0)
-    out = inst.decode(seq_dec, logits, len(ids), max_new_tokens)
+    out = inst.decode(seq_dec, logits, len(ids), max_new_tokens, min_new=min_new_tokens)
     body = [t for t in out if t not in inst.eos]
     # Every sampled token but the last was fed back, so its decoding KV is in the cache;
     # when the last one is EOS, all of `body` has KV.

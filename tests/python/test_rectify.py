@@ -348,3 +348,19 @@ def test_bench_strategies_label_every_configuration_apart():
     assert sorted(s.label() for s in restored) == ["cacheblend-restore@0.15", "relay-restore",
                                                     "relay-restore@0.15"]
     assert all(s.keep_detection_kv for s in plain)
+
+
+def test_min_new_tokens_holds_eos_back(executor):
+    vocab = executor.config.vocab_size
+    ids = _tokens(7, 20, vocab)
+    plain = _instance(executor)
+    seq = plain.new_sequence(64)
+    first = int(torch.argmax(plain.prefill(seq, ids, 0)))
+    # Make the token greedy decoding picks first the EOS: without a minimum it stops at once.
+    inst = Instance(executor, types.SimpleNamespace(eos_token_id=first), block_size=8,
+                    store_bytes=1 << 26)
+    seq = inst.new_sequence(64)
+    assert inst.decode(seq, inst.prefill(seq, ids, 0), len(ids), 12) == [first]
+    seq = inst.new_sequence(64)
+    out = inst.decode(seq, inst.prefill(seq, ids, 0), len(ids), 12, min_new=6)
+    assert len(out) >= 6 and first not in out[:6]

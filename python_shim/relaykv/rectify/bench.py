@@ -209,6 +209,7 @@ def cmd_bench_relay(args: argparse.Namespace) -> int:
                                     strategies=strategies, repeats=args.repeats, on_agent=on_agent)
             else:
                 run_chain(inst, task, num_agents=args.agents, max_new_tokens=max_new,
+                          min_new_tokens=args.min_new_tokens,
                           strategies=strategies, repeats=args.repeats, on_agent=on_agent)
     summary = summarise(lines)
     what = "agent rows (round 1: 1..N, round 2: N+1..2N)" if fully else "agents"
@@ -239,6 +240,9 @@ def add_bench_parser(sub: Any) -> None:
                             "a shared input behind its own long prefix, answers, then answers again after "
                             "reading every other agent's answer")
     relay.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (chain), 512 (fully-connected)")
+    relay.add_argument("--min-new-tokens", type=int, default=0,
+                       help="chain: no EOS before this many tokens per answer (vLLM's min_tokens), "
+                            "for prompts nearer the workload's ~1K tokens at the last agent")
     relay.add_argument("--prefix-tokens", type=int, default=512, help="fully-connected: each agent's prefix")
     relay.add_argument("--input-tokens", type=int, default=1024, help="fully-connected: the shared input")
     relay.add_argument("--budgets", default="0.15,0.3", help="cacheblend ratios and relay budget caps")
