@@ -72,8 +72,8 @@ def executor():
     return Executor.from_hf(tiny_model("llama", seed=3))
 
 
-def _instance(executor) -> Instance:
-    tok = types.SimpleNamespace(eos_token_id=None)
+def _instance(executor, eos: int | None = None) -> Instance:
+    tok = types.SimpleNamespace(eos_token_id=eos)
     return Instance(executor, tok, block_size=8, store_bytes=1 << 26)
 
 
@@ -123,14 +123,14 @@ def test_relay_with_every_token_over_all_layers_equals_full(relayed):
     assert not torch.allclose(naive.logits, full.logits, atol=1e-4, rtol=0)
 
 
-def _full_kv(inst, ids, span):
-    full = prefill(inst, ids, Strategy("full"))
-    return full.seq.cache.gather(full.seq.table, span)
+def _span_kv(inst, ids, span, strategy):
+    """K and V of the span positions after prefilling `ids` with `strategy`."""
+    res = prefill(inst, ids, strategy)
+    return res.seq.cache.gather(res.seq.table, span)
 
 
 def _imported_kv(inst, ids, span):
-    naive = prefill(inst, ids, Strategy("naive", use_prefix_cache=False))
-    return naive.seq.cache.gather(naive.seq.table, span)
+    return _span_kv(inst, ids, span, Strategy("naive", use_prefix_cache=False))
 
 
 @pytest.mark.parametrize("strategy", [
@@ -181,7 +181,7 @@ def test_recompute_set_is_the_definition(relayed, strategy):
     kept_det = -1
     if strategy.name in ("cacheblend", "relay") and strategy.scheme == "layer0" and strategy.keep_detection_kv:
         kept_det = strategy.det_layer
-        full_k, full_v = _full_kv(inst, ids, span)
+        full_k, full_v = _span_kv(inst, ids, span, Strategy("full"))
         for layer in range(kept_det + 1):
             assert torch.allclose(k[layer], full_k[layer], atol=1e-5, rtol=0), layer
             assert torch.allclose(v[layer], full_v[layer], atol=1e-5, rtol=0), layer
@@ -357,8 +357,7 @@ def test_min_new_tokens_holds_eos_back(executor):
     seq = plain.new_sequence(64)
     first = int(torch.argmax(plain.prefill(seq, ids, 0)))
     # Make the token greedy decoding picks first the EOS: without a minimum it stops at once.
-    inst = Instance(executor, types.SimpleNamespace(eos_token_id=first), block_size=8,
-                    store_bytes=1 << 26)
+    inst = _instance(executor, eos=first)
     seq = inst.new_sequence(64)
     assert inst.decode(seq, inst.prefill(seq, ids, 0), len(ids), 12) == [first]
     seq = inst.new_sequence(64)

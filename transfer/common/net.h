@@ -47,6 +47,11 @@ Result<UniqueFd> ListenTcp(std::string_view host_port, std::string* bound);
 // The first non-loopback IPv4 address of an interface that is up, else "127.0.0.1".
 std::string PrimaryIpv4();
 
+// Compares a presented shared secret with the expected one in time that does
+// not depend on the content, so a token cannot be found byte by byte from
+// response times (its length is not worth hiding).
+bool TokenEquals(std::string_view a, std::string_view b);
+
 // Waits for `events` (poll flags) on fd until the deadline.
 Status WaitFd(int fd, short events, std::chrono::steady_clock::time_point deadline,
               std::string_view what);

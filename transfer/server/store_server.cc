@@ -38,6 +38,7 @@ using Clock = std::chrono::steady_clock;
 using wire::Op;
 
 using net::ListenTcp;
+using net::TokenEquals;
 using net::UniqueFd;
 
 // Records are kept in the embedded store under a hash of (namespace, id): ids
@@ -52,17 +53,6 @@ std::string RandomSuffix() {
   std::snprintf(buf, sizeof(buf), "%012llx",
                 static_cast<unsigned long long>(v & 0xffffffffffffULL));
   return buf;
-}
-
-bool TokenEquals(std::string_view a, std::string_view b) {
-  // Constant time in the content, so a token cannot be guessed byte by byte
-  // from response times (its length is not worth hiding).
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-  }
-  return diff == 0;
 }
 
 struct PendingWrite {

@@ -58,14 +58,9 @@ struct Hello {
   char token[kMaxNcclTokenBytes];
 };
 
-bool TokenEquals(const Hello& h, const std::string& token) {
-  // Constant time in the content, so a token cannot be found byte by byte.
-  if (h.token_length != token.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < token.size(); ++i) {
-    diff |= static_cast<unsigned char>(h.token[i] ^ token[i]);
-  }
-  return diff == 0;
+bool HelloTokenMatches(const Hello& h, const std::string& token) {
+  return h.token_length <= kMaxNcclTokenBytes &&
+         net::TokenEquals(std::string_view(h.token, h.token_length), token);
 }
 
 Status CudaError(cudaError_t e, std::string_view what,
@@ -314,7 +309,7 @@ struct NcclTransport::Core {
         Hello h;
         std::memcpy(&h, g.in.data(), sizeof(h));
         // Anything else (a stray connection, a wrong token) is closed below.
-        if (h.magic == kHelloMagic && TokenEquals(h, options.token)) {
+        if (h.magic == kHelloMagic && HelloTokenMatches(h, options.token)) {
           auto ch = Channel::Make(options.device, options.op_timeout);
           if (ch.ok() &&
               StartInit(ch->get(), std::string(h.unique_id, kUniqueIdBytes), kTargetRank).ok()) {
@@ -458,8 +453,9 @@ struct Conn {
   uint64_t next_seq = 0;
   uint64_t acked = 0;  // highest flush sequence the target acknowledged
 
-  // One round: the target side of this transport, acknowledgements, NCCL errors.
-  Status Poll() {
+  // One round: the target side of this transport, acknowledgements, NCCL
+  // errors; *busy (optional) tells whether the communicator is still settling.
+  Status Poll(bool* busy = nullptr) {
     core->Progress();
     // Acknowledgements that arrived just before the socket closed still count.
     const Status socket = ch->ReadSocket();
@@ -473,8 +469,10 @@ struct Conn {
       acked = std::max(acked, h.seq);
     }
     RELAYKV_RETURN_IF_ERROR(socket);
-    bool busy = false;
-    return ch->Poll(&busy);
+    bool settling = false;
+    RELAYKV_RETURN_IF_ERROR(ch->Poll(&settling));
+    if (busy != nullptr) *busy = settling;
+    return Status::Ok();
   }
 
   // Enqueues an NCCL call and waits for a non-blocking communicator to settle
@@ -483,9 +481,8 @@ struct Conn {
     if (r != ncclSuccess && r != ncclInProgress) return ch->Broken(NcclError(r, what));
     const auto deadline = Clock::now() + ch->op_timeout;
     for (;;) {
-      RELAYKV_RETURN_IF_ERROR(Poll());
       bool busy = false;
-      RELAYKV_RETURN_IF_ERROR(ch->Poll(&busy));
+      RELAYKV_RETURN_IF_ERROR(Poll(&busy));
       if (!busy) return Status::Ok();
       if (Clock::now() >= deadline) {
         return ch->Broken(DeadlineExceeded("nccl: " + std::string(what) + " did not settle"));
@@ -525,16 +522,15 @@ class NcclRequest final : public TransferRequest {
     // An aborted communicator cancelled what was in flight; its events may
     // still complete, without the data.
     if (conn_->ch->aborted) return Unavailable("nccl: connection is closed: " + conn_->ch->why);
-    if (Finished()) return done_ = true;
+    RELAYKV_ASSIGN_OR_RETURN(done_, Finished());
+    if (done_) return true;
     RELAYKV_RETURN_IF_ERROR(conn_->Poll());
-    if (ev_) {
-      RELAYKV_ASSIGN_OR_RETURN(done_, EventDone(*conn_->ch, ev_));
-      return done_;
-    }
-    return done_ = conn_->acked >= ack_seq_;
+    RELAYKV_ASSIGN_OR_RETURN(done_, Finished());
+    return done_;
   }
-  bool Finished() const {
-    return ev_ ? cudaEventQuery(ev_.get()) == cudaSuccess : conn_->acked >= ack_seq_;
+  Result<bool> Finished() {
+    if (ev_) return EventDone(*conn_->ch, ev_);
+    return conn_->acked >= ack_seq_;
   }
 
   std::shared_ptr<Conn> conn_;

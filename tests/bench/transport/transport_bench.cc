@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -106,29 +107,28 @@ void MeasureEndpoint(const char* path, Endpoint& ep, const RemoteDescriptor& rem
       .Print();
 }
 
+// The first failed set-up step, printed as the path's error row; true when one failed.
+bool SetupFailed(const char* path, std::initializer_list<Status> steps) {
+  for (const Status& s : steps) {
+    if (!s.ok()) {
+      JsonLine("transport").Str("path", path).Str("error", s.ToString()).Print();
+      return true;
+    }
+  }
+  return false;
+}
+
 // `buf` is kMax bytes of `kind` memory; `peer_memory` is "host" or "cuda".
 void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf,
               MemoryKind kind = MemoryKind::kHost, const char* peer_memory = "host") {
   auto transport = UcxTransport::Create(UcxTransportOptions::WithTls(tls, peer_errors));
   auto peer =
       testing::PeerProcess::Spawn(RELAYKV_TRANSPORT_PEER, tls, kMax, peer_errors, peer_memory);
-  if (!transport.ok() || !peer.ok()) {
-    JsonLine("transport")
-        .Str("path", path)
-        .Str("error", transport.ok() ? peer.status().ToString() : transport.status().ToString())
-        .Print();
-    return;
-  }
+  if (SetupFailed(path, {transport.status(), peer.status()})) return;
   (void)(*peer)->Send(*(*transport)->LocalAddress());
   auto remote = RemoteDescriptor::Parse((*peer)->descriptor());
   auto ep = (*transport)->Connect((*peer)->address());
-  if (!remote.ok() || !ep.ok()) {
-    JsonLine("transport")
-        .Str("path", path)
-        .Str("error", remote.ok() ? ep.status().ToString() : remote.status().ToString())
-        .Print();
-    return;
-  }
+  if (SetupFailed(path, {remote.status(), ep.status()})) return;
   // Registering the source too lets UCX use zero-copy without a lookup per op.
   auto local_reg = (*transport)->RegisterMemory(buf, kMax, kind);
   const auto timeout = std::chrono::seconds(30);
@@ -150,22 +150,10 @@ void BenchNccl(uint8_t* buf) {
   auto transport = NcclTransport::Create();
   auto peer = testing::PeerProcess::SpawnWith(RELAYKV_NCCL_PEER,
                                               {std::to_string(kMax), "relaykv-bench-target"});
-  if (!transport.ok() || !peer.ok()) {
-    JsonLine("transport")
-        .Str("path", path)
-        .Str("error", transport.ok() ? peer.status().ToString() : transport.status().ToString())
-        .Print();
-    return;
-  }
+  if (SetupFailed(path, {transport.status(), peer.status()})) return;
   auto remote = RemoteDescriptor::Parse((*peer)->descriptor());
   auto ep = (*transport)->Connect((*peer)->address());
-  if (!remote.ok() || !ep.ok()) {
-    JsonLine("transport")
-        .Str("path", path)
-        .Str("error", remote.ok() ? ep.status().ToString() : remote.status().ToString())
-        .Print();
-    return;
-  }
+  if (SetupFailed(path, {remote.status(), ep.status()})) return;
   const auto timeout = std::chrono::seconds(60);
   MeasureEndpoint(path, **ep, *remote, buf, timeout, [&]() -> Status {
     auto pong = (*peer)->Recv(timeout);  // the NCCL peer answers over its socket

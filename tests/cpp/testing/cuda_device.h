@@ -4,9 +4,30 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace relaykv::testing {
+
+struct CudaFree {
+  void operator()(void* p) const { cudaFree(p); }
+};
+using DeviceBuffer = std::unique_ptr<uint8_t, CudaFree>;
+
+// Device bytes [0, n) at `dev` := `fill(host, n)` applied to a host copy, then
+// a device-wide synchronise: a copy from pageable memory may return before it
+// landed, and transports read on their own streams.
+template <typename Fill>
+cudaError_t FillDevice(uint8_t* dev, uint64_t n, Fill fill) {
+  std::vector<uint8_t> host(n);
+  fill(host.data(), n);
+  if (cudaError_t e = cudaMemcpy(dev, host.data(), n, cudaMemcpyHostToDevice); e != cudaSuccess) {
+    return e;
+  }
+  return cudaDeviceSynchronize();
+}
 
 // Empty when a device is usable, else why not (the runtime's words).
 inline std::string NoCudaDeviceReason() {
@@ -20,6 +41,12 @@ inline std::string NoCudaDeviceReason() {
 }
 
 }  // namespace relaykv::testing
+
+#define ASSERT_CUDA_OK(expr)                                                  \
+  do {                                                                        \
+    const cudaError_t relaykv_err_ = (expr);                                  \
+    ASSERT_EQ(relaykv_err_, cudaSuccess) << cudaGetErrorString(relaykv_err_); \
+  } while (0)
 
 #define RELAYKV_SKIP_WITHOUT_CUDA_DEVICE()                                               \
   do {                                                                                   \

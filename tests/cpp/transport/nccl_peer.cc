@@ -25,15 +25,11 @@
 #include "transfer/transport/nccl_transport.h"
 
 using namespace relaykv;  // NOLINT: a tiny executable
+using relaykv::testing::FailToParent;
 using relaykv::testing::RecvFrame;
 using relaykv::testing::SendFrame;
 
 namespace {
-
-int Fail(int fd, const Status& s) {
-  (void)SendFrame(fd, "ERR " + s.ToString());
-  return 2;
-}
 
 std::string Verify(const uint8_t* region, uint64_t bytes, const std::string& note) {
   std::istringstream in(note);
@@ -66,23 +62,23 @@ int main(int argc, char** argv) {
   ::setenv("NCCL_NET", "Socket", 1);
 
   auto transport = NcclTransport::Create();
-  if (!transport.ok()) return Fail(fd, transport.status());
+  if (!transport.ok()) return FailToParent(fd, transport.status());
   uint8_t* region = nullptr;
   if (cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&region), bytes); e != cudaSuccess) {
-    return Fail(fd, Unavailable(std::string("cudaMalloc: ") + cudaGetErrorString(e)));
+    return FailToParent(fd, Unavailable(std::string("cudaMalloc: ") + cudaGetErrorString(e)));
   }
   std::unique_ptr<uint8_t, decltype(&cudaFree)> owned(region, &cudaFree);
   {
     std::vector<uint8_t> host(bytes);
     relaykv::testing::FillPattern(host.data(), bytes, 0, 7);
     if (cudaMemcpy(region, host.data(), bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
-      return Fail(fd, Internal("fill failed"));
+      return FailToParent(fd, Internal("fill failed"));
     }
   }
   auto reg = (*transport)->RegisterMemory(region, bytes, MemoryKind::kCudaDevice);
-  if (!reg.ok()) return Fail(fd, reg.status());
+  if (!reg.ok()) return FailToParent(fd, reg.status());
   auto addr = (*transport)->LocalAddress();
-  if (!addr.ok()) return Fail(fd, addr.status());
+  if (!addr.ok()) return FailToParent(fd, addr.status());
   if (!SendFrame(fd, "OK").ok() || !SendFrame(fd, *addr).ok() ||
       !SendFrame(fd, (*reg)->descriptor()).ok()) {
     return 3;

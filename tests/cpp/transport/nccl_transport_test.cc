@@ -25,12 +25,6 @@ using std::chrono::seconds;
 using testing::CheckPattern;
 using testing::FillPattern;
 
-#define ASSERT_CUDA_OK(expr)                                                  \
-  do {                                                                        \
-    const cudaError_t relaykv_err_ = (expr);                                  \
-    ASSERT_EQ(relaykv_err_, cudaSuccess) << cudaGetErrorString(relaykv_err_); \
-  } while (0)
-
 NcclAddress Sample() {
   NcclAddress a;
   a.port = 40123;
@@ -131,11 +125,8 @@ class NcclTwoProcessTest : public ::testing::Test {
   }
 
   void FillLocal(uint64_t n, uint64_t base, uint32_t seed) {
-    std::vector<uint8_t> host(n);
-    FillPattern(host.data(), n, base, seed);
-    ASSERT_CUDA_OK(cudaMemcpy(local_.get(), host.data(), n, cudaMemcpyHostToDevice));
-    // A copy from pageable memory may return before it landed; NCCL reads on its own stream.
-    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    ASSERT_CUDA_OK(testing::FillDevice(
+        local_.get(), n, [&](uint8_t* p, uint64_t m) { FillPattern(p, m, base, seed); }));
   }
 
   // The peer's next answer over the side channel.
@@ -158,10 +149,7 @@ class NcclTwoProcessTest : public ::testing::Test {
     EXPECT_EQ(Reply(), "ok") << n << " bytes at " << offset;
   }
 
-  struct CudaFree {
-    void operator()(uint8_t* p) const { cudaFree(p); }
-  };
-  std::unique_ptr<uint8_t, CudaFree> local_;
+  testing::DeviceBuffer local_;
   std::unique_ptr<NcclTransport> transport_;
   std::unique_ptr<testing::PeerProcess> peer_;
   RemoteDescriptor remote_;
@@ -192,12 +180,11 @@ TEST_F(NcclTwoProcessTest, FlushAndNotificationsFollowEveryEarlierWrite) {
   // 40 different 1 MB chunks at 40 offsets, a flush, then one check per chunk:
   // a write lost, reordered onto another chunk or not yet landed is caught.
   constexpr uint64_t kChunk = 1 << 20;
-  std::vector<uint8_t> host(40 * kChunk);
-  for (uint64_t i = 0; i < 40; ++i) {
-    FillPattern(host.data() + i * kChunk, kChunk, i * kChunk, static_cast<uint32_t>(100 + i));
-  }
-  ASSERT_CUDA_OK(cudaMemcpy(local_.get(), host.data(), host.size(), cudaMemcpyHostToDevice));
-  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  ASSERT_CUDA_OK(testing::FillDevice(local_.get(), 40 * kChunk, [](uint8_t* p, uint64_t) {
+    for (uint64_t i = 0; i < 40; ++i) {
+      FillPattern(p + i * kChunk, kChunk, i * kChunk, static_cast<uint32_t>(100 + i));
+    }
+  }));
   for (uint64_t i = 0; i < 40; ++i) {
     auto w = ep_->Write(local_.get() + i * kChunk, kChunk, remote_, i * kChunk);
     ASSERT_TRUE(w.ok()) << w.status().ToString();

@@ -90,6 +90,12 @@ inline Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout) 
   return out;
 }
 
+// A peer that cannot start tells its parent why ("ERR <status>") and exits 2.
+inline int FailToParent(int fd, const Status& s) {
+  (void)SendFrame(fd, "ERR " + s.ToString());
+  return 2;
+}
+
 // One UCX configuration of the two-process tests: UCX_TLS and whether
 // endpoints use peer error handling (shared memory needs it off).
 struct UcxCase {

@@ -22,16 +22,7 @@ using std::chrono::seconds;
 using testing::CheckPattern;
 using testing::FillPattern;
 
-struct CudaFree {
-  void operator()(void* p) const { cudaFree(p); }
-};
-using DeviceBuffer = std::unique_ptr<uint8_t, CudaFree>;
-
-#define ASSERT_CUDA_OK(expr)                                                  \
-  do {                                                                        \
-    const cudaError_t relaykv_err_ = (expr);                                  \
-    ASSERT_EQ(relaykv_err_, cudaSuccess) << cudaGetErrorString(relaykv_err_); \
-  } while (0)
+using testing::DeviceBuffer;
 
 using testing::UcxCase;
 
@@ -74,11 +65,8 @@ class UcxCudaTwoProcessTest : public ::testing::TestWithParam<UcxCase> {
 
   // Device bytes [0, n) of the local buffer := pattern(base, seed).
   void FillLocal(uint64_t n, uint64_t base, uint32_t seed) {
-    std::vector<uint8_t> host(n);
-    FillPattern(host.data(), n, base, seed);
-    ASSERT_CUDA_OK(cudaMemcpy(local_.get(), host.data(), n, cudaMemcpyHostToDevice));
-    // UCX copies on its own non-blocking streams: the bytes must have landed first.
-    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    ASSERT_CUDA_OK(testing::FillDevice(
+        local_.get(), n, [&](uint8_t* p, uint64_t m) { FillPattern(p, m, base, seed); }));
   }
   int64_t CheckLocal(uint64_t n, uint64_t base, uint32_t seed) {
     std::vector<uint8_t> host(n);

@@ -22,15 +22,11 @@
 #endif
 
 using namespace relaykv;  // NOLINT: a tiny executable
+using relaykv::testing::FailToParent;
 using relaykv::testing::RecvFrame;
 using relaykv::testing::SendFrame;
 
 namespace {
-
-int Fail(int fd, const Status& s) {
-  (void)SendFrame(fd, "ERR " + s.ToString());
-  return 2;
-}
 
 // The served bytes: a host segment, or a cudaMalloc'd buffer that is filled
 // and checked through a host copy (only the peer's CPU looks at it this way;
@@ -132,19 +128,19 @@ int main(int argc, char** argv) {
   // A current context before UCX starts, so its CUDA transports see the
   // device the parent uses.
   if (cuda && (cudaSetDevice(0) != cudaSuccess || cudaFree(nullptr) != cudaSuccess)) {
-    return Fail(fd, Unavailable("no usable CUDA device"));
+    return FailToParent(fd, Unavailable("no usable CUDA device"));
   }
 #endif
   auto transport =
       UcxTransport::Create(UcxTransportOptions::WithTls(tls, std::string(argv[4]) == "peer"));
-  if (!transport.ok()) return Fail(fd, transport.status());
+  if (!transport.ok()) return FailToParent(fd, transport.status());
   auto region = Region::Create(bytes, cuda);
-  if (!region.ok()) return Fail(fd, region.status());
-  if (Status s = region->Fill(7); !s.ok()) return Fail(fd, s);
+  if (!region.ok()) return FailToParent(fd, region.status());
+  if (Status s = region->Fill(7); !s.ok()) return FailToParent(fd, s);
   auto reg = (*transport)->RegisterMemory(region->base(), bytes, region->kind());
-  if (!reg.ok()) return Fail(fd, reg.status());
+  if (!reg.ok()) return FailToParent(fd, reg.status());
   auto addr = (*transport)->LocalAddress();
-  if (!addr.ok()) return Fail(fd, addr.status());
+  if (!addr.ok()) return FailToParent(fd, addr.status());
   if (!SendFrame(fd, "OK").ok() || !SendFrame(fd, *addr).ok() ||
       !SendFrame(fd, (*reg)->descriptor()).ok()) {
     return 3;
