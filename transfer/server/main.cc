@@ -32,6 +32,8 @@ constexpr const char* kUsage = R"(usage: relaykv-store [flags]
   --allow-unauthenticated   run without a token (trusted single-user machines only)
   --ucx-tls LIST            UCX transports, UCX_TLS syntax (default: UCX's choice / UCX_TLS)
   --verify-payload          also verify KV payload checksums at seal (importers always do)
+  --no-shared-segments      private memory instead of sysv shared memory (clients on this
+                            host then reach records through a cma syscall, not a mapping)
 )";
 
 bool ParseSize(std::string_view s, uint64_t* out) {
@@ -118,6 +120,8 @@ int main(int argc, char** argv) {
       token_file = value();
     } else if (a == "--allow-unauthenticated") {
       o.allow_unauthenticated = true;
+    } else if (a == "--no-shared-segments") {
+      o.shared_segments = false;
     } else if (a == "--verify-payload") {
       o.verify_payload = true;
     } else if (a == "--ucx-tls") {

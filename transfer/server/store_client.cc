@@ -88,6 +88,11 @@ const std::string& StoreClient::server_name() const { return impl_->server_name;
 uint64_t StoreClient::capacity_bytes() const { return impl_->capacity; }
 bool StoreClient::healthy() const { return impl_->healthy; }
 
+uint64_t StoreClient::mapped_transfers() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->transport->mapped_operations();
+}
+
 Result<std::unique_ptr<StoreClient>> StoreClient::Connect(std::string_view control_address,
                                                           const StoreClientOptions& options) {
   auto impl = std::make_unique<Impl>();
@@ -119,6 +124,9 @@ Result<std::unique_ptr<StoreClient>> StoreClient::Connect(std::string_view contr
   UcxTransportOptions ucx;
   ucx.tls = options.ucx_tls;
   ucx.peer_error_handling = options.ucx_peer_error_handling;
+  // Record bytes are always in host buffers here, so a server's shared
+  // segments can be copied through a mapping on the same host.
+  ucx.map_peer_memory = true;
   RELAYKV_ASSIGN_OR_RETURN(impl->transport, UcxTransport::Create(ucx));
   RELAYKV_ASSIGN_OR_RETURN(impl->endpoint, impl->transport->Connect(address));
   return std::unique_ptr<StoreClient>(new StoreClient(std::move(impl)));

@@ -76,6 +76,9 @@ class StoreClient {
   uint64_t capacity_bytes() const;
   // False after a connection or transport failure; the owner reconnects.
   bool healthy() const;
+  // Reads and writes copied through a mapping of the server's shared
+  // segments (same host, sysv among the UCX wires) rather than moved by UCX.
+  uint64_t mapped_transfers() const;
 
   // Stores `record` (a complete record) under (ns, id): reserve, one-sided
   // write, flush, seal. AlreadyExists when the server already holds it. A

@@ -98,7 +98,7 @@ struct StoreServer::Impl {
   StoreServerInfo info;
   std::unique_ptr<EmbeddedStore> store;
   std::unique_ptr<UcxTransport> transport;
-  std::vector<std::unique_ptr<MemoryRegistration>> registrations;
+  std::vector<std::shared_ptr<MemoryRegistration>> registrations;
   std::string transport_address;
   std::unique_ptr<Directory> directory;
 
@@ -258,18 +258,42 @@ Result<std::unique_ptr<StoreServer>> StoreServer::Create(StoreServerOptions opti
   };
   // UCX registration wants every page present.
   options.store.prefault = true;
-  impl->options = options;
-  RELAYKV_ASSIGN_OR_RETURN(impl->store, EmbeddedStore::Create(options.store));
 
   UcxTransportOptions ucx;
   ucx.tls = options.ucx_tls;
   ucx.wakeup = true;
+  if (options.shared_segments) {
+    // sysv only: posix shared memory lives in /dev/shm, which containers
+    // often cap far below a store's capacity (64 MiB by default), and
+    // touching pages past the cap is SIGBUS, not an error. Without sysv,
+    // UCX falls back to ordinary memory.
+    ucx.config.emplace_back("ALLOC_PRIO", "md:sysv,thp,mmap,heap");
+  }
   RELAYKV_ASSIGN_OR_RETURN(impl->transport, UcxTransport::Create(ucx));
-  for (size_t i = 0; i < impl->store->num_segments(); ++i) {
-    const Segment& seg = impl->store->segment(i);
-    RELAYKV_ASSIGN_OR_RETURN(auto reg,
-                             impl->transport->RegisterMemory(seg.base(), seg.size(), seg.kind()));
-    impl->registrations.push_back(std::move(reg));
+  if (options.shared_segments) {
+    const uint64_t alignment = options.store.alignment;
+    options.store.segment_factory =
+        [raw, alignment](uint64_t bytes, uint32_t index) -> Result<std::unique_ptr<Segment>> {
+      RELAYKV_ASSIGN_OR_RETURN(std::shared_ptr<MemoryRegistration> reg,
+                               raw->transport->AllocateMemory(bytes));
+      auto* base = static_cast<std::byte*>(reg->addr());
+      RELAYKV_ASSIGN_OR_RETURN(
+          auto segment,
+          Segment::Adopt(base, bytes, alignment, MemoryKind::kHost, reg, /*populate=*/true));
+      if (raw->registrations.size() != index) return Internal("segments out of order");
+      raw->registrations.push_back(std::move(reg));
+      return segment;
+    };
+  }
+  impl->options = options;
+  RELAYKV_ASSIGN_OR_RETURN(impl->store, EmbeddedStore::Create(options.store));
+  if (!options.shared_segments) {
+    for (size_t i = 0; i < impl->store->num_segments(); ++i) {
+      const Segment& seg = impl->store->segment(i);
+      RELAYKV_ASSIGN_OR_RETURN(auto reg,
+                               impl->transport->RegisterMemory(seg.base(), seg.size(), seg.kind()));
+      impl->registrations.push_back(std::move(reg));
+    }
   }
   RELAYKV_ASSIGN_OR_RETURN(impl->transport_address, impl->transport->LocalAddress());
 

@@ -47,6 +47,12 @@ struct StoreServerOptions {
   std::string token;
   bool allow_unauthenticated = false;
   std::string ucx_tls;  // empty: UCX's default / UCX_TLS
+  // Segments are allocated by UCX: sysv shared memory when the server's UCX
+  // has it (the default wires do), which clients on this host map and copy
+  // through (UcxTransportOptions::map_peer_memory) instead of a cma syscall
+  // per transfer; off-host clients see no difference. Off: private mmap'd
+  // memory.
+  bool shared_segments = true;
   std::chrono::milliseconds directory_timeout{500};
   // Seal always verifies a record's header, metadata, tokens and namespace
   // (what the directory publishes). Payload checksums cost a pass over the

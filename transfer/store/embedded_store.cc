@@ -145,11 +145,16 @@ Result<std::unique_ptr<EmbeddedStore>> EmbeddedStore::Create(StoreOptions option
   std::vector<std::unique_ptr<Segment>> segments;
   std::vector<SegmentAllocator> allocators;
   for (uint32_t i = 0; i < options.num_segments; ++i) {
-    auto segment =
-        Segment::Create(segment_bytes, options.alignment, options.memory_kind, options.prefault);
+    auto segment = options.segment_factory ? options.segment_factory(segment_bytes, i)
+                                           : Segment::Create(segment_bytes, options.alignment,
+                                                             options.memory_kind, options.prefault);
     if (!segment.ok()) {
       return segment.status().WithContext("store segment " + std::to_string(i) + " of " +
                                           std::to_string(options.num_segments));
+    }
+    if ((*segment)->size() < segment_bytes || (*segment)->kind() != options.memory_kind) {
+      return Internal("store segment " + std::to_string(i) +
+                      ": the segment factory returned the wrong size or kind");
     }
     segments.push_back(std::move(segment).value());
     RELAYKV_ASSIGN_OR_RETURN(

@@ -85,6 +85,10 @@ struct StoreOptions {
   MemoryKind memory_kind = MemoryKind::kHost;
   // Touch every page at creation so the first puts do not pay page faults.
   bool prefault = false;
+  // Makes segment `index` of `bytes` bytes (kind memory_kind, aligned to
+  // `alignment`, prefaulted when asked); empty: Segment::Create. A store
+  // server uses it to take its segments from its transport.
+  std::function<Result<std::unique_ptr<Segment>>(uint64_t bytes, uint32_t index)> segment_factory;
   // TTL for records reserved without one; zero means they never expire.
   std::chrono::nanoseconds default_ttl{0};
   // Time source for TTLs; empty means std::chrono::steady_clock. Tests inject

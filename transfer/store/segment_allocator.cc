@@ -213,7 +213,33 @@ Status SegmentAllocator::CheckInvariants() const {
 // Segment
 
 void Segment::Unmap::operator()(std::byte* p) const {
-  if (p != nullptr) RELAYKV_CHECK(::munmap(p, mapped_bytes) == 0);
+  // mapped_bytes == 0: adopted memory, which its owner frees.
+  if (p != nullptr && mapped_bytes != 0) RELAYKV_CHECK(::munmap(p, mapped_bytes) == 0);
+}
+
+namespace {
+
+void TouchPages(std::byte* start, uint64_t bytes) {
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  for (uint64_t off = 0; off < bytes; off += page) {
+    static_cast<volatile std::byte*>(start)[off] = std::byte{0};
+  }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Segment>> Segment::Adopt(std::byte* base, uint64_t bytes, uint64_t alignment,
+                                                MemoryKind kind, std::shared_ptr<void> owner,
+                                                bool populate) {
+  if (base == nullptr || bytes == 0) return InvalidArgument("adopted segment: null or empty");
+  if (!IsPowerOfTwo(alignment) || reinterpret_cast<uintptr_t>(base) % alignment != 0) {
+    return InvalidArgument("adopted segment: base is not aligned to " + std::to_string(alignment));
+  }
+  if (populate && kind == MemoryKind::kHost) TouchPages(base, bytes);
+  auto segment = std::unique_ptr<Segment>(
+      new Segment(std::unique_ptr<std::byte, Unmap>(base, Unmap{0}), bytes, kind));
+  segment->owner_ = std::move(owner);
+  return segment;
 }
 
 Result<std::unique_ptr<Segment>> Segment::Create(uint64_t bytes, uint64_t alignment,
@@ -255,11 +281,7 @@ Result<std::unique_ptr<Segment>> Segment::Create(uint64_t bytes, uint64_t alignm
   // faults. Advice only: a kernel without THP ignores it. It has to come
   // before the pages are first touched, hence no MAP_POPULATE above.
   if (mapped >= (uint64_t{2} << 20)) ::madvise(start, mapped, MADV_HUGEPAGE);
-  if (populate) {
-    for (uint64_t off = 0; off < mapped; off += page) {
-      static_cast<volatile std::byte*>(start)[off] = std::byte{0};
-    }
-  }
+  if (populate) TouchPages(start, mapped);
   return std::unique_ptr<Segment>(new Segment(std::move(mem), bytes, kind));
 }
 

@@ -107,6 +107,14 @@ class Segment {
                                                  MemoryKind kind = MemoryKind::kHost,
                                                  bool populate = false);
 
+  // Memory something else allocated and frees (a transport's allocation):
+  // the segment keeps `owner` alive and never unmaps `base` itself. `base`
+  // must be aligned to `alignment` (a power of two); `populate` touches
+  // every page now, as in Create.
+  static Result<std::unique_ptr<Segment>> Adopt(std::byte* base, uint64_t bytes, uint64_t alignment,
+                                                MemoryKind kind, std::shared_ptr<void> owner,
+                                                bool populate = false);
+
   std::byte* base() const { return mem_.get(); }
   // Usable bytes: exactly what was asked for (the mapping may be larger).
   uint64_t size() const { return size_; }
@@ -123,6 +131,7 @@ class Segment {
   Segment(std::unique_ptr<std::byte, Unmap> mem, uint64_t size, MemoryKind kind)
       : mem_(std::move(mem)), size_(size), kind_(kind) {}
 
+  std::shared_ptr<void> owner_;  // adopted memory's allocation, else null
   std::unique_ptr<std::byte, Unmap> mem_;
   uint64_t size_;
   MemoryKind kind_;

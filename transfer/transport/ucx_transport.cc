@@ -2,9 +2,13 @@
 
 #include <ucp/api/ucp.h>
 
+#include <atomic>
+#include <cinttypes>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <functional>
 #include <thread>
 #include <type_traits>
@@ -76,6 +80,8 @@ struct UcxTransport::Core {
   std::deque<std::string> notifications;
   std::chrono::milliseconds close_timeout{1000};
   bool peer_error_handling = true;
+  bool map_peer_memory = false;
+  uint64_t mapped_ops = 0;  // Read/Write served through a mapping
 
   // One progress call; spins a little, then yields so that two processes on
   // a small machine do not starve each other while both wait.
@@ -102,6 +108,23 @@ ucs_status_t OnNotification(void* arg, const void*, size_t, void* data, size_t l
   return UCS_OK;
 }
 
+// Whether [p, p + length) lies inside one shared mapping of this process
+// (/proc/self/maps), i.e. memory another process can see, not our own heap.
+bool InsideOneSharedMapping(const void* p, size_t length) {
+  const auto begin = reinterpret_cast<uintptr_t>(p);
+  if (length == 0 || begin + length < begin) return false;
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    uintptr_t lo = 0, hi = 0;
+    char perms[5] = {0};
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %4s", &lo, &hi, perms) != 3) continue;
+    if (begin < lo || begin >= hi) continue;
+    return perms[0] == 'r' && perms[1] == 'w' && perms[3] == 's' && begin + length <= hi;
+  }
+  return false;
+}
+
 // The endpoint's connection, shared by the Endpoint and its in-flight
 // notifications. Closes the ucp endpoint when the last holder lets go.
 struct EpHandle {
@@ -117,6 +140,7 @@ struct EpHandle {
   }
 
   ~EpHandle() {
+    mapped.clear();
     rkeys.clear();
     if (ep == nullptr) return;
     ucp_request_param_t p{};
@@ -142,6 +166,26 @@ struct EpHandle {
     if (error != UCS_OK) return FromUcs(error, "ucx endpoint failed");
     return Status::Ok();
   }
+
+  // Where `remote` is mapped in this process, or null when it is not (or
+  // not safely: ucp_rkey_ptr only translates addresses, so a descriptor
+  // whose range does not lie inside one shared mapping, as a forged one
+  // would not, is never copied through). Cached per descriptor.
+  uint8_t* MappedBase(ucp_rkey_h rkey, const RemoteDescriptor& remote) {
+    std::string key = remote.access_key;
+    key.append(reinterpret_cast<const char*>(&remote.addr), sizeof(remote.addr));
+    key.append(reinterpret_cast<const char*>(&remote.length), sizeof(remote.length));
+    auto it = mapped.find(key);
+    if (it != mapped.end()) return it->second;
+    void* p = nullptr;
+    uint8_t* base = nullptr;
+    if (ucp_rkey_ptr(rkey, remote.addr, &p) == UCS_OK && InsideOneSharedMapping(p, remote.length)) {
+      base = static_cast<uint8_t*>(p);
+    }
+    mapped.emplace(std::move(key), base);
+    return base;
+  }
+  std::unordered_map<std::string, uint8_t*> mapped;
 
   Result<ucp_rkey_h> Rkey(const std::string& packed) {
     auto it = rkeys.find(packed);
@@ -290,10 +334,23 @@ class UcxEndpoint final : public Endpoint {
     auto h = h_;
     auto send = [h, payload]() -> ucs_status_ptr_t {
       if (h->error != UCS_OK) return UCS_STATUS_PTR(h->error);
+      // UCX may still read the payload after this returns (a send queued
+      // behind a connection being set up), even after our request object is
+      // gone: the send's own completion callback releases it.
+      auto* keep = new std::shared_ptr<std::string>(payload);
       ucp_request_param_t p{};
-      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.op_attr_mask =
+          UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
       p.flags = UCP_AM_SEND_FLAG_EAGER;
-      return ucp_am_send_nbx(h->ep, kNotifyAmId, nullptr, 0, payload->data(), payload->size(), &p);
+      p.cb.send = [](void*, ucs_status_t, void* user) {
+        delete static_cast<std::shared_ptr<std::string>*>(user);
+      };
+      p.user_data = keep;
+      ucs_status_ptr_t r =
+          ucp_am_send_nbx(h->ep, kNotifyAmId, nullptr, 0, payload->data(), payload->size(), &p);
+      // Completed (or failed) at once: UCX does not call back.
+      if (!UCS_PTR_IS_PTR(r)) delete keep;
+      return r;
     };
     ucp_request_param_t p{};
     return Make(ucp_ep_flush_nbx(h_->ep, &p), "ucx notify", std::move(send));
@@ -320,6 +377,25 @@ class UcxEndpoint final : public Endpoint {
     RELAYKV_ASSIGN_OR_RETURN(ucp_rkey_h rkey, h_->Rkey(remote.access_key));
     ucp_request_param_t p{};
     const uint64_t raddr = remote.addr + offset;
+    uint8_t* mapped = nullptr;
+    if (h_->core->map_peer_memory && remote.kind == MemoryKind::kHost && length > 0 &&
+        (mapped = h_->MappedBase(rkey, remote)) != nullptr) {
+      mapped += offset;
+      // The peer's region is mapped here (shared memory UCX allocated on this
+      // host): a plain copy, complete on return. UCX would pick cma for large
+      // transfers instead, a syscall that pins the peer's pages each time.
+      if (write) {
+        std::memcpy(mapped, local, length);
+        // Whatever the peer learns of this write later (a notification, a
+        // control message) must not overtake the bytes.
+        std::atomic_thread_fence(std::memory_order_release);
+      } else {
+        std::atomic_thread_fence(std::memory_order_acquire);
+        std::memcpy(local, mapped, length);
+      }
+      ++h_->core->mapped_ops;
+      return Make(UCS_STATUS_PTR(UCS_OK), write ? "ucx write (mapped)" : "ucx read (mapped)");
+    }
     if (write) {
       return Make(ucp_put_nbx(h_->ep, local, length, raddr, rkey, &p), "ucx write");
     }
@@ -364,6 +440,7 @@ Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxTransportOpt
   auto core = std::make_shared<Core>();
   core->context.reset(ctx);
   core->close_timeout = options.close_timeout;
+  core->map_peer_memory = options.map_peer_memory;
   core->peer_error_handling = options.peer_error_handling;
 
   ucp_worker_params_t wp{};
@@ -387,6 +464,45 @@ Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxTransportOpt
 
 UcxTransport::~UcxTransport() = default;
 
+namespace {
+
+// ucp_mem_map, then the packed descriptor peers need; the registration
+// unmaps (and frees what UCX allocated) when destroyed.
+Result<std::unique_ptr<MemoryRegistration>> MapMemory(
+    const std::shared_ptr<UcxTransport::Core>& core, const ucp_mem_map_params_t& params,
+    MemoryKind kind) {
+  ucp_mem_h memh = nullptr;
+  ucs_status_t s = ucp_mem_map(core->context.get(), &params, &memh);
+  if (s != UCS_OK) {
+    return FromUcs(s, std::string("ucp_mem_map (") + std::string(MemoryKindName(kind)) + ")");
+  }
+  // Wrap at once so a failure below still unmaps (and frees what UCX allocated).
+  auto reg_guard =
+      std::unique_ptr<std::remove_pointer_t<ucp_mem_h>, std::function<void(ucp_mem_h)>>(
+          memh, [ctx = core->context.get()](ucp_mem_h m) { ucp_mem_unmap(ctx, m); });
+  ucp_mem_attr_t attr{};
+  attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+  s = ucp_mem_query(memh, &attr);
+  if (s != UCS_OK) return FromUcs(s, "ucp_mem_query");
+  // UCX may round an allocation up; the region is what was asked for.
+  const size_t length = params.length;
+  if (attr.length < length) return Internal("ucp_mem_map: mapped less than asked");
+  void* rkey_buf = nullptr;
+  size_t rkey_len = 0;
+  s = ucp_rkey_pack(core->context.get(), memh, &rkey_buf, &rkey_len);
+  if (s != UCS_OK) return FromUcs(s, "ucp_rkey_pack");
+  RemoteDescriptor d;
+  d.addr = reinterpret_cast<uint64_t>(attr.address);
+  d.length = length;
+  d.kind = kind;
+  d.access_key.assign(static_cast<const char*>(rkey_buf), rkey_len);
+  ucp_rkey_buffer_release(rkey_buf);
+  return std::unique_ptr<MemoryRegistration>(
+      new UcxRegistration(core, reg_guard.release(), attr.address, length, kind, d.Pack()));
+}
+
+}  // namespace
+
 Result<std::unique_ptr<MemoryRegistration>> UcxTransport::RegisterMemory(void* addr, size_t length,
                                                                          MemoryKind kind) {
   if (addr == nullptr || length == 0) return InvalidArgument("register: null address or length 0");
@@ -396,28 +512,22 @@ Result<std::unique_ptr<MemoryRegistration>> UcxTransport::RegisterMemory(void* a
   mp.address = addr;
   mp.length = length;
   mp.memory_type = kind == MemoryKind::kCudaDevice ? UCS_MEMORY_TYPE_CUDA : UCS_MEMORY_TYPE_HOST;
-  ucp_mem_h memh = nullptr;
-  ucs_status_t s = ucp_mem_map(core_->context.get(), &mp, &memh);
-  if (s != UCS_OK) {
-    return FromUcs(s, std::string("ucp_mem_map (") + std::string(MemoryKindName(kind)) + ")");
-  }
-  // Wrap at once so an rkey_pack failure still unmaps.
-  auto reg_guard =
-      std::unique_ptr<std::remove_pointer_t<ucp_mem_h>, std::function<void(ucp_mem_h)>>(
-          memh, [ctx = core_->context.get()](ucp_mem_h m) { ucp_mem_unmap(ctx, m); });
-  void* rkey_buf = nullptr;
-  size_t rkey_len = 0;
-  s = ucp_rkey_pack(core_->context.get(), memh, &rkey_buf, &rkey_len);
-  if (s != UCS_OK) return FromUcs(s, "ucp_rkey_pack");
-  RemoteDescriptor d;
-  d.addr = reinterpret_cast<uint64_t>(addr);
-  d.length = length;
-  d.kind = kind;
-  d.access_key.assign(static_cast<const char*>(rkey_buf), rkey_len);
-  ucp_rkey_buffer_release(rkey_buf);
-  return std::unique_ptr<MemoryRegistration>(
-      new UcxRegistration(core_, reg_guard.release(), addr, length, kind, d.Pack()));
+  return MapMemory(core_, mp, kind);
 }
+
+Result<std::unique_ptr<MemoryRegistration>> UcxTransport::AllocateMemory(size_t length) {
+  if (length == 0) return InvalidArgument("allocate: length 0");
+  ucp_mem_map_params_t mp{};
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                  UCP_MEM_MAP_PARAM_FIELD_FLAGS | UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+  mp.address = nullptr;
+  mp.length = length;
+  mp.flags = UCP_MEM_MAP_ALLOCATE;
+  mp.memory_type = UCS_MEMORY_TYPE_HOST;
+  return MapMemory(core_, mp, MemoryKind::kHost);
+}
+
+uint64_t UcxTransport::mapped_operations() const { return core_->mapped_ops; }
 
 Result<std::string> UcxTransport::LocalAddress() {
   ucp_address_t* addr = nullptr;

@@ -49,6 +49,15 @@ struct UcxTransportOptions {
   std::string tcp_segment_size = "1M";
   // How long the destructor of an Endpoint waits for a graceful close.
   std::chrono::milliseconds close_timeout{1000};
+  // Read/Write against a peer region that UCX can map into this process
+  // (host memory the peer got from AllocateMemory, on this host, with
+  // posix/sysv among the transports) copy through the mapping, as plain
+  // memcpy, instead of going through UCX's protocols (which use a cma
+  // syscall per transfer for large ones). Local buffers must then be host
+  // memory: use it where they always are (store clients). A peer that died
+  // leaves its mapping intact, so mapped writes and reads still succeed;
+  // the death shows on the next message (Notify) or on a side channel.
+  bool map_peer_memory = false;
   // Ask UCX for a wakeup file descriptor (EventFd/Arm), so a server can sleep
   // in poll() beside its sockets instead of spinning on Progress(). Off by
   // default: with it, UCX keeps only transports that can raise events.
@@ -63,6 +72,15 @@ class UcxTransport final : public Transport {
   std::string_view name() const override { return "ucx"; }
   Result<std::unique_ptr<MemoryRegistration>> RegisterMemory(void* addr, size_t length,
                                                              MemoryKind kind) override;
+  // Host memory UCX allocates and registers in one step, owned by the
+  // registration. With shared-memory transports enabled it comes from a
+  // sysv/posix segment that same-host peers map into their own address
+  // space, so their puts and gets are plain copies; memory from
+  // RegisterMemory can only be reached through a cma syscall per operation.
+  // Elsewhere it behaves like registered heap memory.
+  Result<std::unique_ptr<MemoryRegistration>> AllocateMemory(size_t length);
+  // Read/Write calls that went through a mapping (map_peer_memory).
+  uint64_t mapped_operations() const;
   Result<std::string> LocalAddress() override;
   Result<std::unique_ptr<Endpoint>> Connect(std::string_view peer_address) override;
   Result<std::string> WaitNotification(std::chrono::milliseconds timeout) override;

@@ -60,12 +60,12 @@ struct Server {
   std::string control;
 };
 
-bool StartServer(Server& s, const std::string& tls) {
-  if (!s.proc.Start({RELAYKV_STORE_BINARY, "--listen", "127.0.0.1:0", "--metrics-listen", "",
-                     "--capacity", "1GiB", "--ucx-tls", tls},
-                    {{"RELAYKV_TOKEN", kToken}})) {
-    return false;
-  }
+bool StartServer(Server& s, const std::string& tls, bool shared_segments) {
+  std::vector<std::string> args = {
+      RELAYKV_STORE_BINARY, "--listen", "127.0.0.1:0", "--metrics-listen", "", "--capacity", "1GiB",
+      "--ucx-tls",          tls};
+  if (!shared_segments) args.push_back("--no-shared-segments");
+  if (!s.proc.Start(args, {{"RELAYKV_TOKEN", kToken}})) return false;
   auto line = s.proc.WaitLine("relaykv-store ready", std::chrono::seconds(60));
   std::smatch m;
   if (!line || !std::regex_search(*line, m, std::regex("control=(\\S+)"))) return false;
@@ -73,9 +73,10 @@ bool StartServer(Server& s, const std::string& tls) {
   return true;
 }
 
-void BenchStore(const char* path, const std::string& tls, bool peer_errors) {
+void BenchStore(const char* path, const std::string& tls, bool peer_errors,
+                bool shared_segments = true) {
   Server server;
-  if (!StartServer(server, tls)) {
+  if (!StartServer(server, tls, shared_segments)) {
     JsonLine("server").Str("path", path).Str("error", "store server did not start").Print();
     return;
   }
@@ -164,7 +165,13 @@ int main() {
     bench::BenchRawTcp("server", reinterpret_cast<uint8_t*>(src->base()));
   }
   BenchStore("store_ucx_tcp", "tcp", true);
-  // UCX keeps posix/sysv shm only without peer failure detection (transport README).
+  // UCX keeps posix/sysv shm only without peer failure detection (transport
+  // README). Private segments: UCX moves the bytes with cma; shared (sysv)
+  // segments: the client copies through its mapping of them.
+  BenchStore("store_ucx_shm_private", "posix,sysv,cma", false, false);
   BenchStore("store_ucx_shm", "posix,sysv,cma", false);
+  // With peer failure detection UCX keeps only tcp, but the client still maps
+  // the shared segments: bytes by memcpy, control and flushes over tcp.
+  BenchStore("store_ucx_tcp_sysv", "tcp,sysv", true);
   return 0;
 }

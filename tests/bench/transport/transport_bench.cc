@@ -121,7 +121,10 @@ bool SetupFailed(const char* path, std::initializer_list<Status> steps) {
 // `buf` is kMax bytes of `kind` memory; `peer_memory` is "host" or "cuda".
 void BenchUcx(const char* path, const char* tls, bool peer_errors, uint8_t* buf,
               MemoryKind kind = MemoryKind::kHost, const char* peer_memory = "host") {
-  auto transport = UcxTransport::Create(UcxTransportOptions::WithTls(tls, peer_errors));
+  auto options = UcxTransportOptions::WithTls(tls, peer_errors);
+  // A region UCX allocated in the peer is copied through a mapping.
+  options.map_peer_memory = std::strcmp(peer_memory, "ucx") == 0;
+  auto transport = UcxTransport::Create(options);
   auto peer =
       testing::PeerProcess::Spawn(RELAYKV_TRANSPORT_PEER, tls, kMax, peer_errors, peer_memory);
   if (SetupFailed(path, {transport.status(), peer.status()})) return;
@@ -214,6 +217,9 @@ int main() {
   dst.reset();
   BenchUcx("ucx_tcp", "tcp", true, reinterpret_cast<uint8_t*>(src->base()));
   BenchUcx("ucx_shm", "posix,sysv,cma", false, reinterpret_cast<uint8_t*>(src->base()));
+  // The peer's region allocated by UCX (sysv/posix shared memory): mapped here.
+  BenchUcx("ucx_shm_mapped", "posix,sysv,cma", false, reinterpret_cast<uint8_t*>(src->base()),
+           MemoryKind::kHost, "ucx");
 #ifdef RELAYKV_BENCH_CUDA
   src.reset();
   BenchCuda();

@@ -157,6 +157,33 @@ TEST_F(StoreServerTest, PutThenGetReturnsTheSameBytes) {
   EXPECT_EQ(view->num_tokens(), 300);
 }
 
+// Shared segments (the default) are sysv memory a client on this host maps:
+// with sysv among its wires, even with UCX's peer failure detection (which
+// leaves tcp as the only UCX lane), put and get copy through the mapping.
+// Private segments are moved by UCX. The bytes are the same either way.
+TEST(StoreServerSegments, SharedSegmentsAreCopiedThroughAMappingPrivateOnesAreNot) {
+  for (bool shared : {true, false}) {
+    SCOPED_TRACE(shared ? "shared segments" : "private segments");
+    StoreProcess server;
+    std::vector<std::string> extra;
+    if (!shared) extra.push_back("--no-shared-segments");
+    ASSERT_TRUE(server.Start(extra));
+    StoreClientOptions o = ClientOptions();
+    o.ucx_tls = "tcp,sysv";
+    auto client = StoreClient::Connect(server.control(), o);
+    ASSERT_TRUE(client.ok()) << client.status().ToString();
+    const RecordMeta meta = Meta();
+    const RecordBuffer rec = MakeRecord(meta, 500, 3);
+    ASSERT_TRUE((*client)->Put(Ns(meta), 5, rec.bytes()).ok());
+    RecordBuffer got;
+    Status s = (*client)->Get(Ns(meta), 5, &got);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(got.size(), rec.size());
+    EXPECT_EQ(std::memcmp(got.data(), rec.data(), rec.size()), 0);
+    EXPECT_EQ((*client)->mapped_transfers(), shared ? 2u : 0u);
+  }
+}
+
 TEST_F(StoreServerTest, SecondClientReadsWhatTheFirstWrote) {
   auto writer = Client();
   auto reader = Client();

@@ -193,6 +193,27 @@ TEST(SegmentTest, HostSegmentIsAlignedAndWritable) {
             StatusCode::kUnimplemented);
 }
 
+TEST(SegmentTest, AdoptedMemoryIsFreedByItsOwnerNotTheSegment) {
+  auto backing = Segment::Create(1 << 20, 4096);
+  ASSERT_TRUE(backing.ok());
+  std::byte* base = (*backing)->base();
+  bool released = false;
+  std::shared_ptr<void> owner(nullptr, [&released](void*) { released = true; });
+  auto s = Segment::Adopt(base, 1 << 20, 4096, MemoryKind::kHost, owner, /*populate=*/true);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  owner.reset();
+  EXPECT_FALSE(released) << "the segment must keep its memory's owner alive";
+  EXPECT_EQ((*s)->base(), base);
+  EXPECT_EQ((*s)->size(), uint64_t{1} << 20);
+  s->reset();
+  EXPECT_TRUE(released);
+  base[0] = std::byte{1};  // still mapped: the adopted segment did not unmap it
+  EXPECT_EQ(Segment::Adopt(base + 64, 4096, 4096, MemoryKind::kHost, nullptr).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(Segment::Adopt(nullptr, 4096, 64, MemoryKind::kHost, nullptr).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
 // ---------------------------------------------------------------------------
 // EmbeddedStore helpers
 
@@ -315,6 +336,36 @@ TEST(EmbeddedStoreTest, ReserveWriteSealGetRoundTrip) {
   EXPECT_EQ(s.payload_bytes, 10000u);
   EXPECT_EQ(s.bytes_used, 12288u);  // three 4096-byte units
   EXPECT_EQ(s.leases, 1u);
+}
+
+TEST(EmbeddedStoreTest, SegmentFactoryProvidesEverySegment) {
+  StoreOptions o = Options(4 << 20);
+  o.num_segments = 2;
+  o.alignment = 4096;
+  std::vector<std::unique_ptr<Segment>> backing;
+  std::vector<uint32_t> asked;
+  o.segment_factory = [&](uint64_t bytes, uint32_t index) -> Result<std::unique_ptr<Segment>> {
+    asked.push_back(index);
+    RELAYKV_ASSIGN_OR_RETURN(auto b, Segment::Create(bytes, 4096));
+    std::byte* base = b->base();
+    backing.push_back(std::move(b));
+    return Segment::Adopt(base, bytes, 4096, MemoryKind::kHost, nullptr);
+  };
+  auto store = MakeStore(o);
+  EXPECT_EQ(asked, (std::vector<uint32_t>{0, 1}));
+  ASSERT_EQ(store->num_segments(), 2u);
+  EXPECT_EQ(store->segment(1).base(), backing[1]->base());
+  auto h = store->Reserve(1, 3 << 20);  // too big for a 2 MiB segment
+  EXPECT_EQ(h.status().code(), StatusCode::kResourceExhausted);
+  h = store->Reserve(1, 1 << 20);
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  EXPECT_TRUE(h->Seal().ok());
+
+  // A factory that hands back less than asked is refused, not trusted.
+  o.segment_factory = [](uint64_t bytes, uint32_t) { return Segment::Create(bytes / 2, 4096); };
+  auto bad = EmbeddedStore::Create(o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), StatusCode::kInternal) << bad.status().ToString();
 }
 
 TEST(EmbeddedStoreTest, UnsealedRecordIsInvisible) {

@@ -16,6 +16,7 @@
 #include <memory>
 #include <ostream>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -102,9 +103,13 @@ struct UcxCase {
   const char* name;
   const char* tls;
   bool peer_errors;
+  // The peer's region: "host" (registered mmap memory) or "ucx" (allocated
+  // by UCX, which the initiator then copies through a mapping).
+  const char* memory = "host";
+  bool mapped() const { return std::string_view(memory) == "ucx"; }
 };
 inline void PrintTo(const UcxCase& c, std::ostream* os) {
-  *os << c.name << " (UCX_TLS=" << c.tls << ")";
+  *os << c.name << " (UCX_TLS=" << c.tls << (c.mapped() ? ", peer memory from UCX)" : ")");
 }
 
 // The peer child: transport_peer <fd> <tls> <bytes> peer|nopeer host|cuda. It answers with frames

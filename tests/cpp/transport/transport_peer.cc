@@ -1,6 +1,7 @@
-// transport_peer <fd> <tls> <bytes> peer|nopeer [host|cuda]: the target side of
-// the two-process transport tests and benchmark. Registers a region of <bytes>
-// bytes (host memory, or GPU memory with "cuda") filled with PatternByte(i, 7), hands its address
+// transport_peer <fd> <tls> <bytes> peer|nopeer [host|ucx|cuda]: the target side
+// of the two-process transport tests and benchmark. Registers a region of <bytes>
+// bytes (host memory; host memory UCX allocates with "ucx"; GPU memory with
+// "cuda") filled with PatternByte(i, 7), hands its address
 // and descriptor to the parent over the socket <fd>, receives the parent's address, then serves: it
 // drives UCX progress (tcp RMA is emulated by the target's CPU) and answers notifications over UCX:
 //   "verify <offset> <length> <seed>" -> "ok" or "bad <index>"
@@ -28,20 +29,27 @@ using relaykv::testing::SendFrame;
 
 namespace {
 
-// The served bytes: a host segment, or a cudaMalloc'd buffer that is filled
-// and checked through a host copy (only the peer's CPU looks at it this way;
-// the transport moves it as device memory).
+// The served bytes: a host segment, host memory UCX allocated (and
+// registered), or a cudaMalloc'd buffer that is filled and checked through a
+// host copy (only the peer's CPU looks at it this way; the transport moves it
+// as device memory).
 class Region {
  public:
-  static Result<Region> Create(uint64_t bytes, bool cuda) {
+  static Result<Region> Create(uint64_t bytes, const std::string& memory, UcxTransport& transport) {
     Region r;
     r.bytes_ = bytes;
-    if (!cuda) {
+    if (memory == "host") {
       RELAYKV_ASSIGN_OR_RETURN(r.segment_,
                                Segment::Create(bytes, 4096, MemoryKind::kHost, /*populate=*/true));
       r.base_ = reinterpret_cast<uint8_t*>(r.segment_->base());
       return r;
     }
+    if (memory == "ucx") {
+      RELAYKV_ASSIGN_OR_RETURN(r.allocation_, transport.AllocateMemory(bytes));
+      r.base_ = static_cast<uint8_t*>(r.allocation_->addr());
+      return r;
+    }
+    if (memory != "cuda") return InvalidArgument("memory: host, ucx or cuda, not " + memory);
 #ifdef RELAYKV_PEER_CUDA
     void* p = nullptr;
     if (cudaError_t e = cudaMalloc(&p, bytes); e != cudaSuccess) {
@@ -56,6 +64,8 @@ class Region {
   }
   uint8_t* base() const { return base_; }
   MemoryKind kind() const { return device_ ? MemoryKind::kCudaDevice : MemoryKind::kHost; }
+  // The registration that came with the memory ("ucx"), else null.
+  const MemoryRegistration* allocation() const { return allocation_.get(); }
 
   Status Fill(uint32_t seed) {
     if (!device_) {
@@ -108,6 +118,7 @@ class Region {
 
   uint64_t bytes_ = 0;
   std::unique_ptr<Segment> segment_;
+  std::unique_ptr<MemoryRegistration> allocation_;
   std::unique_ptr<void, CudaFree> device_;
   uint8_t* base_ = nullptr;
 };
@@ -116,10 +127,11 @@ class Region {
 
 int main(int argc, char** argv) {
   if (argc != 5 && argc != 6) {
-    std::fprintf(stderr, "usage: %s <fd> <tls> <bytes> peer|nopeer [host|cuda]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s <fd> <tls> <bytes> peer|nopeer [host|ucx|cuda]\n", argv[0]);
     return 64;
   }
-  const bool cuda = argc == 6 && std::string(argv[5]) == "cuda";
+  const std::string memory = argc == 6 ? argv[5] : "host";
+  const bool cuda = memory == "cuda";
   const int fd = std::atoi(argv[1]);
   const std::string tls = argv[2];
   const uint64_t bytes = std::strtoull(argv[3], nullptr, 10);
@@ -134,15 +146,21 @@ int main(int argc, char** argv) {
   auto transport =
       UcxTransport::Create(UcxTransportOptions::WithTls(tls, std::string(argv[4]) == "peer"));
   if (!transport.ok()) return FailToParent(fd, transport.status());
-  auto region = Region::Create(bytes, cuda);
+  auto region = Region::Create(bytes, memory, **transport);
   if (!region.ok()) return FailToParent(fd, region.status());
   if (Status s = region->Fill(7); !s.ok()) return FailToParent(fd, s);
-  auto reg = (*transport)->RegisterMemory(region->base(), bytes, region->kind());
-  if (!reg.ok()) return FailToParent(fd, reg.status());
+  std::unique_ptr<MemoryRegistration> own;
+  const MemoryRegistration* reg = region->allocation();
+  if (reg == nullptr) {
+    auto r = (*transport)->RegisterMemory(region->base(), bytes, region->kind());
+    if (!r.ok()) return FailToParent(fd, r.status());
+    own = std::move(*r);
+    reg = own.get();
+  }
   auto addr = (*transport)->LocalAddress();
   if (!addr.ok()) return FailToParent(fd, addr.status());
   if (!SendFrame(fd, "OK").ok() || !SendFrame(fd, *addr).ok() ||
-      !SendFrame(fd, (*reg)->descriptor()).ok()) {
+      !SendFrame(fd, reg->descriptor()).ok()) {
     return 3;
   }
   auto parent_addr = RecvFrame(fd, std::chrono::seconds(10));
@@ -163,7 +181,7 @@ int main(int argc, char** argv) {
         uint32_t seed = 0;
         in >> verb >> off >> len >> seed;
         if (verb != "verify" || off + len > bytes) {
-          reply = "bad request";
+          reply = "bad request: " + *note;
         } else {
           auto bad = region->Check(off, len, seed);
           reply = !bad.ok()  ? "error " + bad.status().ToString()

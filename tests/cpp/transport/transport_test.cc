@@ -168,6 +168,12 @@ TEST(UcxTransportTest, BadDescriptorIsInvalidArgument) {
 
 using testing::UcxCase;
 
+// The peer's region allocated by UCX (sysv shared memory), copied through a
+// mapping here. With peer error handling UCX keeps only tcp lanes; the
+// second case pins down that the mapping still applies.
+const UcxCase kShmMapped{"shm_mapped", "posix,sysv,cma", false, "ucx"};
+const UcxCase kTcpSysvMapped{"tcp_sysv_mapped", "tcp,sysv", true, "ucx"};
+
 // Two processes on loopback: this test process is the initiator, the child
 // (transport_peer) owns the target region.
 class UcxTwoProcessTest : public ::testing::TestWithParam<UcxCase> {
@@ -175,12 +181,13 @@ class UcxTwoProcessTest : public ::testing::TestWithParam<UcxCase> {
   static constexpr uint64_t kRegion = (64ull << 20) + 4096;
 
   void SetUp() override {
-    auto t =
-        UcxTransport::Create(UcxTransportOptions::WithTls(GetParam().tls, GetParam().peer_errors));
+    auto options = UcxTransportOptions::WithTls(GetParam().tls, GetParam().peer_errors);
+    options.map_peer_memory = GetParam().mapped();
+    auto t = UcxTransport::Create(options);
     ASSERT_TRUE(t.ok()) << t.status().ToString();
     transport_ = std::move(*t);
     auto peer = testing::PeerProcess::Spawn(RELAYKV_TRANSPORT_PEER, GetParam().tls, kRegion,
-                                            GetParam().peer_errors);
+                                            GetParam().peer_errors, GetParam().memory);
     ASSERT_TRUE(peer.ok()) << peer.status().ToString();
     peer_ = std::move(*peer);
     ASSERT_TRUE(peer_->Send(*transport_->LocalAddress()).ok());
@@ -188,7 +195,7 @@ class UcxTwoProcessTest : public ::testing::TestWithParam<UcxCase> {
     ASSERT_TRUE(remote.ok()) << remote.status().ToString();
     remote_ = *remote;
     auto ep = transport_->Connect(peer_->address());
-    if (!ep.ok() && std::string(GetParam().name) == "shm") {
+    if (!ep.ok() && std::string_view(GetParam().name).starts_with("shm")) {
       GTEST_SKIP() << "UCX refused a shm endpoint with peer error handling: "
                    << ep.status().ToString();
     }
@@ -240,12 +247,76 @@ TEST_P(UcxTwoProcessTest, WriteNotifyReadAllSizes) {
     auto back = ep_->Write(buf.data(), size, remote_, off);
     ASSERT_TRUE(back.ok() && (*back)->Wait(seconds(10)).ok());
   }
+  // Three transfers per size, each through the mapping or none of them.
+  EXPECT_EQ(transport_->mapped_operations(), GetParam().mapped() ? 3 * sizes.size() : 0);
+}
+
+// A descriptor whose range is not inside one shared mapping here (as a forged
+// one claiming more than the peer registered) is never copied through the
+// mapping, since ucp_rkey_ptr only translates addresses: the transfer goes to
+// UCX instead. The write itself stays inside the real region, so UCX carries
+// it out and the peer sees the bytes.
+class UcxMappedTest : public UcxTwoProcessTest {};
+
+TEST_P(UcxMappedTest, OversizedDescriptorIsNotCopiedThroughTheMapping) {
+  RemoteDescriptor forged = remote_;
+  forged.length = remote_.length * 4;
+  std::vector<uint8_t> buf(4096);
+  FillPattern(buf.data(), buf.size(), 0, 55);
+  const uint64_t before = transport_->mapped_operations();
+  auto w = ep_->Write(buf.data(), buf.size(), forged, 0);
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  ASSERT_TRUE((*w)->Wait(seconds(10)).ok());
+  EXPECT_EQ(transport_->mapped_operations(), before);
+  auto n = ep_->Notify("verify 0 4096 55");
+  ASSERT_TRUE(n.ok() && (*n)->Wait(seconds(5)).ok());
+  auto reply = transport_->WaitNotification(seconds(10));
+  ASSERT_TRUE(reply.ok()) << reply.status().ToString();
+  EXPECT_EQ(*reply, "ok");
+  // The genuine descriptor still goes through the mapping.
+  auto again = ep_->Write(buf.data(), buf.size(), remote_, 0);
+  ASSERT_TRUE(again.ok() && (*again)->Wait(seconds(10)).ok());
+  EXPECT_EQ(transport_->mapped_operations(), before + 1);
+}
+
+// A notification sent on an endpoint that has not carried anything yet: the
+// flush before it completes at once and UCX may queue the message behind the
+// connection set-up, reading its bytes after the send was issued.
+TEST_P(UcxTwoProcessTest, NotifyOnAFreshEndpointDeliversTheMessage) {
+  for (int i = 0; i < 3; ++i) {
+    auto ep = transport_->Connect(peer_->address());
+    ASSERT_TRUE(ep.ok()) << ep.status().ToString();
+    auto n = (*ep)->Notify("verify 0 4096 7");
+    ASSERT_TRUE(n.ok()) << n.status().ToString();
+    Status s = (*n)->Wait(seconds(10));
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    auto reply = transport_->WaitNotification(seconds(10));
+    ASSERT_TRUE(reply.ok()) << reply.status().ToString();
+    EXPECT_EQ(*reply, "ok");
+  }
 }
 
 // Kills the peer while 64 MB writes and reads are in flight: the initiator
 // must get an error Status within its timeout, never hang.
 TEST_P(UcxTwoProcessTest, PeerDeathDuringTransferIsAnError) {
   std::vector<uint8_t> buf(64 << 20, 0x5a);
+  if (GetParam().mapped()) {
+    // A mapping outlives the process that made it, so copies through it
+    // cannot see the death; the next round trip must, within its timeout.
+    auto w = ep_->Write(buf.data(), buf.size(), remote_, 0);  // maps the region
+    ASSERT_TRUE(w.ok() && (*w)->Wait(seconds(5)).ok());
+    peer_->Kill();
+    w = ep_->Write(buf.data(), buf.size(), remote_, 0);
+    ASSERT_TRUE(w.ok() && (*w)->Wait(seconds(5)).ok());
+    EXPECT_EQ(transport_->mapped_operations(), 2u);
+    auto n = ep_->Notify("ping");
+    Status s = n.ok() ? (*n)->Wait(seconds(5)) : n.status();
+    if (s.ok()) s = transport_->WaitNotification(seconds(2)).status();
+    EXPECT_FALSE(s.ok()) << "a dead peer answered";
+    EXPECT_TRUE(s.code() == StatusCode::kDeadlineExceeded || s.code() == StatusCode::kUnavailable)
+        << s.ToString();
+    return;
+  }
   const auto per_op = seconds(5);
   Status failure;
   auto killed_at = std::chrono::steady_clock::now();
@@ -280,7 +351,10 @@ TEST_P(UcxTwoProcessTest, PeerDeathDuringTransferIsAnError) {
 
 INSTANTIATE_TEST_SUITE_P(Ucx, UcxTwoProcessTest,
                          ::testing::Values(UcxCase{"tcp", "tcp", true},
-                                           UcxCase{"shm", "posix,sysv,cma", false}),
+                                           UcxCase{"shm", "posix,sysv,cma", false}, kShmMapped,
+                                           kTcpSysvMapped),
+                         [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Ucx, UcxMappedTest, ::testing::Values(kShmMapped, kTcpSysvMapped),
                          [](const auto& info) { return std::string(info.param.name); });
 #endif  // RELAYKV_HAVE_UCX
 
