@@ -42,16 +42,28 @@ struct StoreClient::Impl {
     if (fd >= 0) ::close(fd);
   }
 
+  // After a failure nothing more goes to this server: the endpoint goes now,
+  // and with it any mapping of the server's segments, which would otherwise
+  // keep a dead server's memory alive for as long as this client lingers.
+  void MarkBroken() {
+    healthy = false;
+    endpoint.reset();
+  }
+  Status CheckUsable() const {
+    if (healthy) return Status::Ok();
+    return Unavailable("store client for " + address + ": broken by an earlier failure");
+  }
+
   // One request/response on the control socket.
   Result<std::string> Call(const wire::Writer& request, std::string_view what) {
     Status s = wire::SendFrame(fd, request.Frame(), options.timeout);
     if (!s.ok()) {
-      healthy = false;
+      MarkBroken();
       return s.WithContext(std::string(what) + " to " + address);
     }
     auto body = wire::RecvFrame(fd, options.timeout);
     if (!body.ok()) {
-      healthy = false;
+      MarkBroken();
       return body.status().WithContext(std::string(what) + " to " + address);
     }
     return wire::ParseReply(*body, std::string(what) + " (" + address + ")");
@@ -59,7 +71,7 @@ struct StoreClient::Impl {
 
   Result<const RemoteDescriptor*> Segment(uint32_t index) {
     if (index >= segments.size()) {
-      healthy = false;
+      MarkBroken();
       return Internal("server named segment " + std::to_string(index) + " of " +
                       std::to_string(segments.size()));
     }
@@ -68,13 +80,13 @@ struct StoreClient::Impl {
 
   Status Transfer(Result<std::unique_ptr<TransferRequest>> req, std::string_view what) {
     if (!req.ok()) {
-      healthy = healthy && req.status().code() == StatusCode::kInvalidArgument;
+      if (req.status().code() != StatusCode::kInvalidArgument) MarkBroken();
       return req.status().WithContext(what);
     }
     Status s = (*req)->Wait(options.timeout);
     if (!s.ok()) {
       // A transfer that timed out or failed leaves the endpoint unusable.
-      healthy = false;
+      MarkBroken();
       return s.WithContext(what);
     }
     return Status::Ok();
@@ -136,6 +148,7 @@ Status StoreClient::Put(std::string_view ns, uint64_t id, std::span<const std::b
   Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mu);
   if (record.empty()) return InvalidArgument("put: empty record");
+  RELAYKV_RETURN_IF_ERROR(m.CheckUsable());
   wire::Writer req;
   req.U8(static_cast<uint8_t>(wire::Op::kReserve))
       .Str(ns)
@@ -168,6 +181,7 @@ Status StoreClient::Put(std::string_view ns, uint64_t id, std::span<const std::b
 Status StoreClient::Get(std::string_view ns, uint64_t id, RecordBuffer* out) {
   Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mu);
+  RELAYKV_RETURN_IF_ERROR(m.CheckUsable());
   wire::Writer req;
   req.U8(static_cast<uint8_t>(wire::Op::kLease)).Str(ns).U64(id);
   RELAYKV_ASSIGN_OR_RETURN(std::string reply, m.Call(req, "lease"));

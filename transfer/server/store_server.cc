@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -262,12 +263,13 @@ Result<std::unique_ptr<StoreServer>> StoreServer::Create(StoreServerOptions opti
   UcxTransportOptions ucx;
   ucx.tls = options.ucx_tls;
   ucx.wakeup = true;
-  if (options.shared_segments) {
+  if (options.shared_segments && std::getenv("UCX_ALLOC_PRIO") == nullptr) {
     // sysv only: posix shared memory lives in /dev/shm, which containers
     // often cap far below a store's capacity (64 MiB by default), and
     // touching pages past the cap is SIGBUS, not an error. Without sysv,
-    // UCX falls back to ordinary memory.
-    ucx.config.emplace_back("ALLOC_PRIO", "md:sysv,thp,mmap,heap");
+    // UCX falls back to ordinary page-aligned memory (not the heap, whose
+    // blocks would miss the store's alignment).
+    ucx.config.emplace_back("ALLOC_PRIO", "md:sysv,thp,mmap");
   }
   RELAYKV_ASSIGN_OR_RETURN(impl->transport, UcxTransport::Create(ucx));
   if (options.shared_segments) {

@@ -2,7 +2,11 @@
 
 #include <ucp/api/ucp.h>
 
+#include <sys/shm.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -13,6 +17,8 @@
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace relaykv {
 namespace {
@@ -76,6 +82,10 @@ struct UcxTransport::Core {
   // Member order is destruction order in reverse: the worker goes before the
   // context that created it.
   ContextPtr context;
+  // Requests dropped while UCX may still read a buffer they own (a
+  // notification's payload): freed once UCX is done, or, if the transport
+  // goes first, after the worker (declared after this, so destroyed before).
+  std::vector<std::pair<void*, std::shared_ptr<void>>> orphans;
   WorkerPtr worker;
   std::deque<std::string> notifications;
   std::chrono::milliseconds close_timeout{1000};
@@ -88,10 +98,18 @@ struct UcxTransport::Core {
   bool ProgressOnce(unsigned& idle) {
     if (ucp_worker_progress(worker.get()) != 0) {
       idle = 0;
+      if (!orphans.empty()) ReapOrphans();
       return true;
     }
     if (++idle > 64) std::this_thread::yield();
     return false;
+  }
+  void ReapOrphans() {
+    std::erase_if(orphans, [](const auto& o) {
+      if (ucp_request_check_status(o.first) == UCS_INPROGRESS) return false;
+      ucp_request_free(o.first);
+      return true;
+    });
   }
 };
 
@@ -108,21 +126,22 @@ ucs_status_t OnNotification(void* arg, const void*, size_t, void* data, size_t l
   return UCS_OK;
 }
 
-// Whether [p, p + length) lies inside one shared mapping of this process
-// (/proc/self/maps), i.e. memory another process can see, not our own heap.
-bool InsideOneSharedMapping(const void* p, size_t length) {
-  const auto begin = reinterpret_cast<uintptr_t>(p);
-  if (length == 0 || begin + length < begin) return false;
+// This process's sysv shared-memory attachments ([start, end) of every
+// read-write "/SYSV..." line of /proc/self/maps).
+std::vector<std::pair<uintptr_t, uintptr_t>> SysvMappings() {
+  std::vector<std::pair<uintptr_t, uintptr_t>> out;
   std::ifstream maps("/proc/self/maps");
   std::string line;
   while (std::getline(maps, line)) {
+    if (line.find(" /SYSV") == std::string::npos) continue;
     uintptr_t lo = 0, hi = 0;
     char perms[5] = {0};
-    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %4s", &lo, &hi, perms) != 3) continue;
-    if (begin < lo || begin >= hi) continue;
-    return perms[0] == 'r' && perms[1] == 'w' && perms[3] == 's' && begin + length <= hi;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %4s", &lo, &hi, perms) == 3 &&
+        perms[0] == 'r' && perms[1] == 'w' && perms[3] == 's') {
+      out.emplace_back(lo, hi);
+    }
   }
-  return false;
+  return out;
 }
 
 // The endpoint's connection, shared by the Endpoint and its in-flight
@@ -141,6 +160,7 @@ struct EpHandle {
 
   ~EpHandle() {
     mapped.clear();
+    attachments.clear();
     rkeys.clear();
     if (ep == nullptr) return;
     ucp_request_param_t p{};
@@ -167,31 +187,51 @@ struct EpHandle {
     return Status::Ok();
   }
 
-  // Where `remote` is mapped in this process, or null when it is not (or
-  // not safely: ucp_rkey_ptr only translates addresses, so a descriptor
-  // whose range does not lie inside one shared mapping, as a forged one
-  // would not, is never copied through). Cached per descriptor.
-  uint8_t* MappedBase(ucp_rkey_h rkey, const RemoteDescriptor& remote) {
-    std::string key = remote.access_key;
+  // Where `remote` is mapped in this process, or null when it is not.
+  // ucp_rkey_ptr only adds an offset, so the translated range must lie inside
+  // the very segment that unpacking this key attached: a descriptor with a
+  // shifted address, a longer length or another segment's key (forged or
+  // stale) is never copied through, it goes to UCX. Cached per descriptor.
+  uint8_t* MappedBase(const std::string& packed, ucp_rkey_h rkey, const RemoteDescriptor& remote) {
+    std::string key = packed;
     key.append(reinterpret_cast<const char*>(&remote.addr), sizeof(remote.addr));
     key.append(reinterpret_cast<const char*>(&remote.length), sizeof(remote.length));
     auto it = mapped.find(key);
     if (it != mapped.end()) return it->second;
-    void* p = nullptr;
     uint8_t* base = nullptr;
-    if (ucp_rkey_ptr(rkey, remote.addr, &p) == UCS_OK && InsideOneSharedMapping(p, remote.length)) {
-      base = static_cast<uint8_t*>(p);
+    void* p = nullptr;
+    auto att = attachments.find(packed);
+    if (att != attachments.end() && ucp_rkey_ptr(rkey, remote.addr, &p) == UCS_OK) {
+      const auto lo = reinterpret_cast<uintptr_t>(p);
+      const auto [seg_lo, seg_hi] = att->second;
+      if (lo >= seg_lo && lo < seg_hi && remote.length <= seg_hi - lo) {
+        base = static_cast<uint8_t*>(p);
+      }
     }
     mapped.emplace(std::move(key), base);
     return base;
   }
   std::unordered_map<std::string, uint8_t*> mapped;
+  // The sysv segment each unpacked key attached (only with map_peer_memory,
+  // and only when exactly one new attachment appeared while unpacking).
+  std::unordered_map<std::string, std::pair<uintptr_t, uintptr_t>> attachments;
 
   Result<ucp_rkey_h> Rkey(const std::string& packed) {
     auto it = rkeys.find(packed);
     if (it != rkeys.end()) return it->second.get();
     ucp_rkey_h rkey = nullptr;
+    std::vector<std::pair<uintptr_t, uintptr_t>> before;
+    if (core->map_peer_memory) before = SysvMappings();
     ucs_status_t s = ucp_ep_rkey_unpack(ep, packed.data(), &rkey);
+    if (s == UCS_OK && core->map_peer_memory) {
+      // Another thread of this process may attach a segment at the same
+      // time; then which one is this key's is unknown and nothing is mapped.
+      std::vector<std::pair<uintptr_t, uintptr_t>> added;
+      for (const auto& m : SysvMappings()) {
+        if (std::find(before.begin(), before.end(), m) == before.end()) added.push_back(m);
+      }
+      if (added.size() == 1) attachments.emplace(packed, added[0]);
+    }
     if (s != UCS_OK) {
       // Garbage key bytes are the caller's input, not an internal fault.
       return InvalidArgument(std::string("ucx: cannot unpack remote key: ") + ucs_status_string(s));
@@ -206,18 +246,27 @@ struct EpHandle {
 // succeeds (Notify: flush, then the active message).
 class UcxRequest final : public TransferRequest {
  public:
+  // `keep` (e.g. a notification's payload) lives until UCX is done with the
+  // request, even when this object is destroyed first.
   UcxRequest(std::shared_ptr<Core> core, std::shared_ptr<EpHandle> ep, ucs_status_ptr_t req,
-             std::string what, std::function<ucs_status_ptr_t()> then = nullptr)
+             std::string what, std::function<ucs_status_ptr_t()> then = nullptr,
+             std::shared_ptr<void> keep = nullptr)
       : core_(std::move(core)),
         ep_(std::move(ep)),
         req_(req),
         what_(std::move(what)),
-        then_(std::move(then)) {
+        then_(std::move(then)),
+        keep_(std::move(keep)) {
     Absorb();
   }
   ~UcxRequest() override {
+    if (!UCS_PTR_IS_PTR(req_)) return;
+    if (keep_ && ucp_request_check_status(req_) == UCS_INPROGRESS) {
+      core_->orphans.emplace_back(req_, std::move(keep_));
+      return;
+    }
     // Not waited for: UCX frees it when it completes (or the worker dies).
-    if (UCS_PTR_IS_PTR(req_)) ucp_request_free(req_);
+    ucp_request_free(req_);
   }
 
   bool Test() override {
@@ -284,6 +333,7 @@ class UcxRequest final : public TransferRequest {
   ucs_status_ptr_t req_;
   std::string what_;
   std::function<ucs_status_ptr_t()> then_;
+  std::shared_ptr<void> keep_;
   bool done_ = false;
   Status status_;
 };
@@ -332,36 +382,26 @@ class UcxEndpoint final : public Endpoint {
     // could overtake the data: flush first, send once the flush completed.
     auto payload = std::make_shared<std::string>(message);
     auto h = h_;
+    // UCX may read the payload after the send was issued (queued behind a
+    // connection being set up): the request keeps it (see UcxRequest).
     auto send = [h, payload]() -> ucs_status_ptr_t {
       if (h->error != UCS_OK) return UCS_STATUS_PTR(h->error);
-      // UCX may still read the payload after this returns (a send queued
-      // behind a connection being set up), even after our request object is
-      // gone: the send's own completion callback releases it.
-      auto* keep = new std::shared_ptr<std::string>(payload);
       ucp_request_param_t p{};
-      p.op_attr_mask =
-          UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = UCP_AM_SEND_FLAG_EAGER;
-      p.cb.send = [](void*, ucs_status_t, void* user) {
-        delete static_cast<std::shared_ptr<std::string>*>(user);
-      };
-      p.user_data = keep;
-      ucs_status_ptr_t r =
-          ucp_am_send_nbx(h->ep, kNotifyAmId, nullptr, 0, payload->data(), payload->size(), &p);
-      // Completed (or failed) at once: UCX does not call back.
-      if (!UCS_PTR_IS_PTR(r)) delete keep;
-      return r;
+      return ucp_am_send_nbx(h->ep, kNotifyAmId, nullptr, 0, payload->data(), payload->size(), &p);
     };
     ucp_request_param_t p{};
-    return Make(ucp_ep_flush_nbx(h_->ep, &p), "ucx notify", std::move(send));
+    return Make(ucp_ep_flush_nbx(h_->ep, &p), "ucx notify", std::move(send), payload);
   }
   bool healthy() const override { return h_->error == UCS_OK; }
 
  private:
   Result<std::unique_ptr<TransferRequest>> Make(ucs_status_ptr_t r, std::string what,
-                                                std::function<ucs_status_ptr_t()> then = nullptr) {
+                                                std::function<ucs_status_ptr_t()> then = nullptr,
+                                                std::shared_ptr<void> keep = nullptr) {
     return std::unique_ptr<TransferRequest>(
-        new UcxRequest(h_->core, h_, r, std::move(what), std::move(then)));
+        new UcxRequest(h_->core, h_, r, std::move(what), std::move(then), std::move(keep)));
   }
 
   Result<std::unique_ptr<TransferRequest>> Rma(void* local, size_t length,
@@ -379,15 +419,17 @@ class UcxEndpoint final : public Endpoint {
     const uint64_t raddr = remote.addr + offset;
     uint8_t* mapped = nullptr;
     if (h_->core->map_peer_memory && remote.kind == MemoryKind::kHost && length > 0 &&
-        (mapped = h_->MappedBase(rkey, remote)) != nullptr) {
+        (mapped = h_->MappedBase(remote.access_key, rkey, remote)) != nullptr) {
       mapped += offset;
       // The peer's region is mapped here (shared memory UCX allocated on this
       // host): a plain copy, complete on return. UCX would pick cma for large
       // transfers instead, a syscall that pins the peer's pages each time.
+      // Ordering against the peer comes from what tells it (or us) that the
+      // bytes are there: a UCX message (its shared-memory FIFO fences) or a
+      // control-socket syscall. The fences only keep the compiler from
+      // moving the copy across the call that follows or precedes it.
       if (write) {
         std::memcpy(mapped, local, length);
-        // Whatever the peer learns of this write later (a notification, a
-        // control message) must not overtake the bytes.
         std::atomic_thread_fence(std::memory_order_release);
       } else {
         std::atomic_thread_fence(std::memory_order_acquire);
@@ -515,6 +557,41 @@ Result<std::unique_ptr<MemoryRegistration>> UcxTransport::RegisterMemory(void* a
   return MapMemory(core_, mp, kind);
 }
 
+namespace {
+
+// UCX creates sysv segments for the owner and its group (mode 0660), and any
+// process in the same IPC namespace can find their ids: the bytes would be
+// open to the whole group, past whatever token guards them. Only this user
+// may attach.
+Status RestrictSysvToOwner(const void* addr) {
+  const auto p = reinterpret_cast<uintptr_t>(addr);
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    uintptr_t lo = 0, hi = 0;
+    unsigned long inode = 0;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %*s %*s %*s %lu", &lo, &hi, &inode) !=
+            3 ||
+        p < lo || p >= hi) {
+      continue;
+    }
+    if (line.find(" /SYSV") == std::string::npos) return Status::Ok();  // not shared memory
+    const int shmid = static_cast<int>(inode);
+    shmid_ds ds{};
+    if (::shmctl(shmid, IPC_STAT, &ds) != 0) {
+      return Internal(std::string("shmctl(IPC_STAT): ") + std::strerror(errno));
+    }
+    ds.shm_perm.mode = (ds.shm_perm.mode & ~0777u) | 0600u;
+    if (::shmctl(shmid, IPC_SET, &ds) != 0) {
+      return Internal(std::string("shmctl(IPC_SET): ") + std::strerror(errno));
+    }
+    return Status::Ok();
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Result<std::unique_ptr<MemoryRegistration>> UcxTransport::AllocateMemory(size_t length) {
   if (length == 0) return InvalidArgument("allocate: length 0");
   ucp_mem_map_params_t mp{};
@@ -524,7 +601,9 @@ Result<std::unique_ptr<MemoryRegistration>> UcxTransport::AllocateMemory(size_t 
   mp.length = length;
   mp.flags = UCP_MEM_MAP_ALLOCATE;
   mp.memory_type = UCS_MEMORY_TYPE_HOST;
-  return MapMemory(core_, mp, MemoryKind::kHost);
+  RELAYKV_ASSIGN_OR_RETURN(auto reg, MapMemory(core_, mp, MemoryKind::kHost));
+  RELAYKV_RETURN_IF_ERROR(RestrictSysvToOwner(reg->addr()).WithContext("allocate"));
+  return reg;
 }
 
 uint64_t UcxTransport::mapped_operations() const { return core_->mapped_ops; }

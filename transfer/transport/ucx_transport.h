@@ -77,7 +77,9 @@ class UcxTransport final : public Transport {
   // sysv/posix segment that same-host peers map into their own address
   // space, so their puts and gets are plain copies; memory from
   // RegisterMemory can only be reached through a cma syscall per operation.
-  // Elsewhere it behaves like registered heap memory.
+  // Elsewhere it behaves like registered heap memory. A sysv segment is
+  // made private to this user (mode 0600), so same-host peers must run as
+  // the same user to map it (as cma already requires).
   Result<std::unique_ptr<MemoryRegistration>> AllocateMemory(size_t length);
   // Read/Write calls that went through a mapping (map_peer_memory).
   uint64_t mapped_operations() const;

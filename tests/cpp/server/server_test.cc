@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <regex>
 #include <set>
@@ -129,6 +130,15 @@ double MetricValue(const std::string& text, const std::string& series) {
   return std::stod(text.substr(at + series.size() + 2));
 }
 
+// sysv shared-memory segments attached to this process.
+size_t SysvAttachments() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  size_t n = 0;
+  while (std::getline(maps, line)) n += line.find(" /SYSV") != std::string::npos;
+  return n;
+}
+
 class StoreServerTest : public ::testing::Test {
  protected:
   void SetUp() override { ASSERT_TRUE(server_.Start()); }
@@ -162,12 +172,22 @@ TEST_F(StoreServerTest, PutThenGetReturnsTheSameBytes) {
 // leaves tcp as the only UCX lane), put and get copy through the mapping.
 // Private segments are moved by UCX. The bytes are the same either way.
 TEST(StoreServerSegments, SharedSegmentsAreCopiedThroughAMappingPrivateOnesAreNot) {
-  for (bool shared : {true, false}) {
-    SCOPED_TRACE(shared ? "shared segments" : "private segments");
+  struct Case {
+    const char* what;
+    std::vector<std::string> flags;
+    bool mapped;
+  };
+  const Case cases[] = {
+      {"shared segments", {}, true},
+      {"private segments", {"--no-shared-segments"}, false},
+      // A server whose UCX has no sysv gets ordinary memory from UCX.
+      {"server on tcp only", {"--ucx-tls", "tcp"}, false},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    const bool shared = c.mapped;
     StoreProcess server;
-    std::vector<std::string> extra;
-    if (!shared) extra.push_back("--no-shared-segments");
-    ASSERT_TRUE(server.Start(extra));
+    ASSERT_TRUE(server.Start(c.flags));
     StoreClientOptions o = ClientOptions();
     o.ucx_tls = "tcp,sysv";
     auto client = StoreClient::Connect(server.control(), o);
@@ -360,10 +380,15 @@ TEST_F(StoreServerTest, MetricsHealthAndReadiness) {
 }
 
 TEST_F(StoreServerTest, ServerDeathDuringUseFailsFastNotHangs) {
-  auto client = Client();
-  ASSERT_NE(client, nullptr);
+  StoreClientOptions o = ClientOptions();
+  o.ucx_tls = "tcp,sysv";  // maps the server's segment
+  auto connected = StoreClient::Connect(server_.control(), o);
+  ASSERT_TRUE(connected.ok()) << connected.status().ToString();
+  auto client = std::move(*connected);
   const RecordMeta meta = Meta();
   ASSERT_TRUE(client->Put(Ns(meta), 1, MakeRecord(meta, 64, 9).bytes()).ok());
+  ASSERT_EQ(client->mapped_transfers(), 1u);
+  const size_t attached = SysvAttachments();
   server_.proc().Kill();
   const auto t0 = std::chrono::steady_clock::now();
   RecordBuffer got;
@@ -373,6 +398,12 @@ TEST_F(StoreServerTest, ServerDeathDuringUseFailsFastNotHangs) {
       << s.ToString();
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 4s);
   EXPECT_FALSE(client->healthy());
+  // The dead server's segment is no longer attached here (it would keep its
+  // memory alive), and later calls fail at once.
+  EXPECT_LT(SysvAttachments(), attached);
+  EXPECT_EQ(client->Put(Ns(meta), 2, MakeRecord(meta, 8, 1).bytes()).code(),
+            StatusCode::kUnavailable);
+  EXPECT_EQ(client->Get(Ns(meta), 1, &got).code(), StatusCode::kUnavailable);
 }
 
 TEST(StoreServerStart, RefusesToStartWithoutAToken) {

@@ -251,29 +251,47 @@ TEST_P(UcxTwoProcessTest, WriteNotifyReadAllSizes) {
   EXPECT_EQ(transport_->mapped_operations(), GetParam().mapped() ? 3 * sizes.size() : 0);
 }
 
-// A descriptor whose range is not inside one shared mapping here (as a forged
-// one claiming more than the peer registered) is never copied through the
+// A descriptor whose range is not inside the segment its key attached here
+// (forged: longer, or shifted either way) is never copied through the
 // mapping, since ucp_rkey_ptr only translates addresses: the transfer goes to
-// UCX instead. The write itself stays inside the real region, so UCX carries
+// UCX instead. Each write itself stays inside the real region, so UCX carries
 // it out and the peer sees the bytes.
 class UcxMappedTest : public UcxTwoProcessTest {};
 
-TEST_P(UcxMappedTest, OversizedDescriptorIsNotCopiedThroughTheMapping) {
-  RemoteDescriptor forged = remote_;
-  forged.length = remote_.length * 4;
+TEST_P(UcxMappedTest, ADescriptorOutsideTheAttachedSegmentIsNotCopiedThroughIt) {
+  struct Forgery {
+    const char* what;
+    int64_t addr_shift;
+    uint64_t length;
+    uint64_t offset;  // where the write lands: always the region's first page
+  };
+  const Forgery forgeries[] = {
+      {"longer", 0, remote_.length * 4, 0},
+      {"shifted forward", 4096, remote_.length, 0},
+      {"shifted back", -4096, remote_.length, 4096},
+  };
   std::vector<uint8_t> buf(4096);
-  FillPattern(buf.data(), buf.size(), 0, 55);
-  const uint64_t before = transport_->mapped_operations();
-  auto w = ep_->Write(buf.data(), buf.size(), forged, 0);
-  ASSERT_TRUE(w.ok()) << w.status().ToString();
-  ASSERT_TRUE((*w)->Wait(seconds(10)).ok());
-  EXPECT_EQ(transport_->mapped_operations(), before);
-  auto n = ep_->Notify("verify 0 4096 55");
-  ASSERT_TRUE(n.ok() && (*n)->Wait(seconds(5)).ok());
-  auto reply = transport_->WaitNotification(seconds(10));
-  ASSERT_TRUE(reply.ok()) << reply.status().ToString();
-  EXPECT_EQ(*reply, "ok");
+  uint32_t seed = 55;
+  for (const Forgery& f : forgeries) {
+    SCOPED_TRACE(f.what);
+    RemoteDescriptor forged = remote_;
+    forged.addr = remote_.addr + f.addr_shift;
+    forged.length = f.length;
+    const uint64_t lands_at = forged.addr + f.offset - remote_.addr;
+    FillPattern(buf.data(), buf.size(), lands_at, ++seed);
+    const uint64_t before = transport_->mapped_operations();
+    auto w = ep_->Write(buf.data(), buf.size(), forged, f.offset);
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    ASSERT_TRUE((*w)->Wait(seconds(10)).ok());
+    EXPECT_EQ(transport_->mapped_operations(), before);
+    auto n = ep_->Notify("verify " + std::to_string(lands_at) + " 4096 " + std::to_string(seed));
+    ASSERT_TRUE(n.ok() && (*n)->Wait(seconds(5)).ok());
+    auto reply = transport_->WaitNotification(seconds(10));
+    ASSERT_TRUE(reply.ok()) << reply.status().ToString();
+    EXPECT_EQ(*reply, "ok");
+  }
   // The genuine descriptor still goes through the mapping.
+  const uint64_t before = transport_->mapped_operations();
   auto again = ep_->Write(buf.data(), buf.size(), remote_, 0);
   ASSERT_TRUE(again.ok() && (*again)->Wait(seconds(10)).ok());
   EXPECT_EQ(transport_->mapped_operations(), before + 1);
@@ -286,7 +304,8 @@ TEST_P(UcxTwoProcessTest, NotifyOnAFreshEndpointDeliversTheMessage) {
   for (int i = 0; i < 3; ++i) {
     auto ep = transport_->Connect(peer_->address());
     ASSERT_TRUE(ep.ok()) << ep.status().ToString();
-    auto n = (*ep)->Notify("verify 0 4096 7");
+    // Longer than any small-string buffer, so freed bytes would be reused.
+    auto n = (*ep)->Notify("verify 0 4096 7 " + std::string(600, '.'));
     ASSERT_TRUE(n.ok()) << n.status().ToString();
     Status s = (*n)->Wait(seconds(10));
     ASSERT_TRUE(s.ok()) << s.ToString();
