@@ -2,6 +2,7 @@
 
 #include <ucp/api/ucp.h>
 
+#include <sys/mman.h>
 #include <sys/shm.h>
 
 #include <algorithm>
@@ -230,7 +231,16 @@ struct EpHandle {
       for (const auto& m : SysvMappings()) {
         if (std::find(before.begin(), before.end(), m) == before.end()) added.push_back(m);
       }
-      if (added.size() == 1) attachments.emplace(packed, added[0]);
+      if (added.size() == 1) {
+        attachments.emplace(packed, added[0]);
+        // Our page tables for the segment start empty: without this, every
+        // 4 KB page a copy first touches is a page fault here (measured: a
+        // 256 MB put into fresh store space at 1.9 GB/s instead of 9).
+        // Costs page-table memory for the whole segment; EINVAL (kernels
+        // before 5.14) leaves the faults to happen lazily.
+        const auto [lo, hi] = added[0];
+        (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+      }
     }
     if (s != UCS_OK) {
       // Garbage key bytes are the caller's input, not an internal fault.
