@@ -76,7 +76,8 @@ bool StartServer(Server& s, const std::string& tls, bool shared_segments) {
 void BenchStore(const char* path, const std::string& tls, bool peer_errors,
                 bool shared_segments = true) {
   // RELAYKV_BENCH_ONLY=<path> runs one row set (profiling one path alone).
-  if (const char* only = std::getenv("RELAYKV_BENCH_ONLY"); only && std::string(only) != path) return;
+  if (const char* only = std::getenv("RELAYKV_BENCH_ONLY"); only && std::string(only) != path)
+    return;
   Server server;
   if (!StartServer(server, tls, shared_segments)) {
     JsonLine("server").Str("path", path).Str("error", "store server did not start").Print();
