@@ -127,19 +127,28 @@ ucs_status_t OnNotification(void* arg, const void*, size_t, void* data, size_t l
   return UCS_OK;
 }
 
-// This process's sysv shared-memory attachments ([start, end) of every
-// read-write "/SYSV..." line of /proc/self/maps).
-std::vector<std::pair<uintptr_t, uintptr_t>> SysvMappings() {
-  std::vector<std::pair<uintptr_t, uintptr_t>> out;
+// One sysv shared-memory attachment of this process: [lo, hi) and its shmid
+// (the inode column of /proc/self/maps), for read-write shared mappings.
+struct SysvMapping {
+  uintptr_t lo = 0, hi = 0;
+  int shmid = -1;
+  bool operator==(const SysvMapping&) const = default;
+};
+
+std::vector<SysvMapping> SysvMappings() {
+  std::vector<SysvMapping> out;
   std::ifstream maps("/proc/self/maps");
   std::string line;
   while (std::getline(maps, line)) {
     if (line.find(" /SYSV") == std::string::npos) continue;
-    uintptr_t lo = 0, hi = 0;
+    SysvMapping m;
     char perms[5] = {0};
-    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %4s", &lo, &hi, perms) == 3 &&
+    unsigned long inode = 0;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %4s %*s %*s %lu", &m.lo, &m.hi, perms,
+                    &inode) == 4 &&
         perms[0] == 'r' && perms[1] == 'w' && perms[3] == 's') {
-      out.emplace_back(lo, hi);
+      m.shmid = static_cast<int>(inode);
+      out.push_back(m);
     }
   }
   return out;
@@ -152,16 +161,20 @@ struct EpHandle {
   ucp_ep_h ep = nullptr;
   // Set by UCX's error callback; every later operation fails with it.
   ucs_status_t error = UCS_OK;
-  // Unpacked rkeys by packed bytes; destroyed before the endpoint closes.
-  std::unordered_map<std::string, RkeyPtr> rkeys;
+  // An unpacked key and, with map_peer_memory, the sysv segment unpacking
+  // it attached here (hi == 0: none, or not known for sure).
+  struct RemoteKey {
+    RkeyPtr rkey;
+    uintptr_t seg_lo = 0, seg_hi = 0;
+  };
+  // By packed bytes; destroyed before the endpoint closes.
+  std::unordered_map<std::string, RemoteKey> rkeys;
 
   static void OnError(void* arg, ucp_ep_h, ucs_status_t status) {
     static_cast<EpHandle*>(arg)->error = status;
   }
 
   ~EpHandle() {
-    mapped.clear();
-    attachments.clear();
     rkeys.clear();
     if (ep == nullptr) return;
     ucp_request_param_t p{};
@@ -192,63 +205,47 @@ struct EpHandle {
   // ucp_rkey_ptr only adds an offset, so the translated range must lie inside
   // the very segment that unpacking this key attached: a descriptor with a
   // shifted address, a longer length or another segment's key (forged or
-  // stale) is never copied through, it goes to UCX. Cached per descriptor.
-  uint8_t* MappedBase(const std::string& packed, ucp_rkey_h rkey, const RemoteDescriptor& remote) {
-    std::string key = packed;
-    key.append(reinterpret_cast<const char*>(&remote.addr), sizeof(remote.addr));
-    key.append(reinterpret_cast<const char*>(&remote.length), sizeof(remote.length));
-    auto it = mapped.find(key);
-    if (it != mapped.end()) return it->second;
-    uint8_t* base = nullptr;
+  // stale) is never copied through, it goes to UCX.
+  static uint8_t* MappedBase(const RemoteKey& key, const RemoteDescriptor& remote) {
     void* p = nullptr;
-    auto att = attachments.find(packed);
-    if (att != attachments.end() && ucp_rkey_ptr(rkey, remote.addr, &p) == UCS_OK) {
-      const auto lo = reinterpret_cast<uintptr_t>(p);
-      const auto [seg_lo, seg_hi] = att->second;
-      if (lo >= seg_lo && lo < seg_hi && remote.length <= seg_hi - lo) {
-        base = static_cast<uint8_t*>(p);
-      }
-    }
-    mapped.emplace(std::move(key), base);
-    return base;
+    if (key.seg_hi == 0 || ucp_rkey_ptr(key.rkey.get(), remote.addr, &p) != UCS_OK) return nullptr;
+    const auto lo = reinterpret_cast<uintptr_t>(p);
+    if (lo < key.seg_lo || lo >= key.seg_hi || remote.length > key.seg_hi - lo) return nullptr;
+    return static_cast<uint8_t*>(p);
   }
-  std::unordered_map<std::string, uint8_t*> mapped;
-  // The sysv segment each unpacked key attached (only with map_peer_memory,
-  // and only when exactly one new attachment appeared while unpacking).
-  std::unordered_map<std::string, std::pair<uintptr_t, uintptr_t>> attachments;
 
-  Result<ucp_rkey_h> Rkey(const std::string& packed) {
+  Result<const RemoteKey*> Rkey(const std::string& packed) {
     auto it = rkeys.find(packed);
-    if (it != rkeys.end()) return it->second.get();
-    ucp_rkey_h rkey = nullptr;
-    std::vector<std::pair<uintptr_t, uintptr_t>> before;
+    if (it != rkeys.end()) return &it->second;
+    ucp_rkey_h raw = nullptr;
+    std::vector<SysvMapping> before;
     if (core->map_peer_memory) before = SysvMappings();
-    ucs_status_t s = ucp_ep_rkey_unpack(ep, packed.data(), &rkey);
-    if (s == UCS_OK && core->map_peer_memory) {
+    ucs_status_t s = ucp_ep_rkey_unpack(ep, packed.data(), &raw);
+    if (s != UCS_OK) {
+      // Garbage key bytes are the caller's input, not an internal fault.
+      return InvalidArgument(std::string("ucx: cannot unpack remote key: ") + ucs_status_string(s));
+    }
+    RemoteKey key{RkeyPtr(raw)};
+    if (core->map_peer_memory) {
       // Another thread of this process may attach a segment at the same
       // time; then which one is this key's is unknown and nothing is mapped.
-      std::vector<std::pair<uintptr_t, uintptr_t>> added;
+      std::vector<SysvMapping> added;
       for (const auto& m : SysvMappings()) {
         if (std::find(before.begin(), before.end(), m) == before.end()) added.push_back(m);
       }
       if (added.size() == 1) {
-        attachments.emplace(packed, added[0]);
+        key.seg_lo = added[0].lo;
+        key.seg_hi = added[0].hi;
         // Our page tables for the segment start empty: without this, every
         // 4 KB page a copy first touches is a page fault here (measured: a
         // 256 MB put into fresh store space at 1.9 GB/s instead of 9).
         // Costs page-table memory for the whole segment; EINVAL (kernels
         // before 5.14) leaves the faults to happen lazily.
-        const auto [lo, hi] = added[0];
-        (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+        (void)::madvise(reinterpret_cast<void*>(key.seg_lo), key.seg_hi - key.seg_lo,
+                        MADV_POPULATE_WRITE);
       }
     }
-    if (s != UCS_OK) {
-      // Garbage key bytes are the caller's input, not an internal fault.
-      return InvalidArgument(std::string("ucx: cannot unpack remote key: ") + ucs_status_string(s));
-    }
-    ucp_rkey_h raw = rkey;
-    rkeys.emplace(packed, RkeyPtr(rkey));
-    return raw;
+    return &rkeys.emplace(packed, std::move(key)).first->second;
   }
 };
 
@@ -424,12 +421,13 @@ class UcxEndpoint final : public Endpoint {
                              "-byte remote region");
     }
     RELAYKV_RETURN_IF_ERROR(h_->Check());
-    RELAYKV_ASSIGN_OR_RETURN(ucp_rkey_h rkey, h_->Rkey(remote.access_key));
+    RELAYKV_ASSIGN_OR_RETURN(const EpHandle::RemoteKey* key, h_->Rkey(remote.access_key));
+    ucp_rkey_h rkey = key->rkey.get();
     ucp_request_param_t p{};
     const uint64_t raddr = remote.addr + offset;
     uint8_t* mapped = nullptr;
-    if (h_->core->map_peer_memory && remote.kind == MemoryKind::kHost && length > 0 &&
-        (mapped = h_->MappedBase(remote.access_key, rkey, remote)) != nullptr) {
+    if (remote.kind == MemoryKind::kHost && length > 0 &&
+        (mapped = EpHandle::MappedBase(*key, remote)) != nullptr) {
       mapped += offset;
       // The peer's region is mapped here (shared memory UCX allocated on this
       // host): a plain copy, complete on return. UCX would pick cma for large
@@ -575,29 +573,19 @@ namespace {
 // may attach.
 Status RestrictSysvToOwner(const void* addr) {
   const auto p = reinterpret_cast<uintptr_t>(addr);
-  std::ifstream maps("/proc/self/maps");
-  std::string line;
-  while (std::getline(maps, line)) {
-    uintptr_t lo = 0, hi = 0;
-    unsigned long inode = 0;
-    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %*s %*s %*s %lu", &lo, &hi, &inode) !=
-            3 ||
-        p < lo || p >= hi) {
-      continue;
-    }
-    if (line.find(" /SYSV") == std::string::npos) return Status::Ok();  // not shared memory
-    const int shmid = static_cast<int>(inode);
+  for (const SysvMapping& m : SysvMappings()) {
+    if (p < m.lo || p >= m.hi) continue;
     shmid_ds ds{};
-    if (::shmctl(shmid, IPC_STAT, &ds) != 0) {
+    if (::shmctl(m.shmid, IPC_STAT, &ds) != 0) {
       return Internal(std::string("shmctl(IPC_STAT): ") + std::strerror(errno));
     }
     ds.shm_perm.mode = (ds.shm_perm.mode & ~0777u) | 0600u;
-    if (::shmctl(shmid, IPC_SET, &ds) != 0) {
+    if (::shmctl(m.shmid, IPC_SET, &ds) != 0) {
       return Internal(std::string("shmctl(IPC_SET): ") + std::strerror(errno));
     }
     return Status::Ok();
   }
-  return Status::Ok();
+  return Status::Ok();  // not sysv shared memory (UCX fell back to another allocator)
 }
 
 }  // namespace

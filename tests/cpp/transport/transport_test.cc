@@ -208,6 +208,13 @@ class UcxTwoProcessTest : public ::testing::TestWithParam<UcxCase> {
     transport_.reset();
   }
 
+  // Sends `message` to the peer on `ep` and returns its answer.
+  Result<std::string> AskPeer(Endpoint& ep, const std::string& message) {
+    RELAYKV_ASSIGN_OR_RETURN(auto n, ep.Notify(message));
+    RELAYKV_RETURN_IF_ERROR(n->Wait(seconds(10)));
+    return transport_->WaitNotification(seconds(10));
+  }
+
   std::unique_ptr<UcxTransport> transport_;
   std::unique_ptr<testing::PeerProcess> peer_;
   std::unique_ptr<Endpoint> ep_;
@@ -234,12 +241,8 @@ TEST_P(UcxTwoProcessTest, WriteNotifyReadAllSizes) {
     ASSERT_TRUE(w.ok()) << w.status().ToString();
     Status ws = (*w)->Wait(seconds(10));
     ASSERT_TRUE(ws.ok()) << ws.ToString();
-    auto n = ep_->Notify("verify " + std::to_string(off) + " " + std::to_string(size) + " " +
-                         std::to_string(seed));
-    ASSERT_TRUE(n.ok()) << n.status().ToString();
-    Status ns = (*n)->Wait(seconds(5));
-    ASSERT_TRUE(ns.ok()) << ns.ToString();
-    auto reply = transport_->WaitNotification(seconds(10));
+    auto reply = AskPeer(*ep_, "verify " + std::to_string(off) + " " + std::to_string(size) + " " +
+                                   std::to_string(seed));
     ASSERT_TRUE(reply.ok()) << reply.status().ToString();
     ASSERT_EQ(*reply, "ok");
     // Restore the peer's pattern so the next size reads seed-7 bytes again.
@@ -284,9 +287,8 @@ TEST_P(UcxMappedTest, ADescriptorOutsideTheAttachedSegmentIsNotCopiedThroughIt) 
     ASSERT_TRUE(w.ok()) << w.status().ToString();
     ASSERT_TRUE((*w)->Wait(seconds(10)).ok());
     EXPECT_EQ(transport_->mapped_operations(), before);
-    auto n = ep_->Notify("verify " + std::to_string(lands_at) + " 4096 " + std::to_string(seed));
-    ASSERT_TRUE(n.ok() && (*n)->Wait(seconds(5)).ok());
-    auto reply = transport_->WaitNotification(seconds(10));
+    auto reply =
+        AskPeer(*ep_, "verify " + std::to_string(lands_at) + " 4096 " + std::to_string(seed));
     ASSERT_TRUE(reply.ok()) << reply.status().ToString();
     EXPECT_EQ(*reply, "ok");
   }
@@ -305,11 +307,7 @@ TEST_P(UcxTwoProcessTest, NotifyOnAFreshEndpointDeliversTheMessage) {
     auto ep = transport_->Connect(peer_->address());
     ASSERT_TRUE(ep.ok()) << ep.status().ToString();
     // Longer than any small-string buffer, so freed bytes would be reused.
-    auto n = (*ep)->Notify("verify 0 4096 7 " + std::string(600, '.'));
-    ASSERT_TRUE(n.ok()) << n.status().ToString();
-    Status s = (*n)->Wait(seconds(10));
-    ASSERT_TRUE(s.ok()) << s.ToString();
-    auto reply = transport_->WaitNotification(seconds(10));
+    auto reply = AskPeer(**ep, "verify 0 4096 7 " + std::string(600, '.'));
     ASSERT_TRUE(reply.ok()) << reply.status().ToString();
     EXPECT_EQ(*reply, "ok");
   }
