@@ -27,34 +27,36 @@ std::string_view OpName(Op op) {
       return "delete";
     case Op::kStats:
       return "stats";
+    case Op::kPut:
+      return "put";
+    case Op::kRead:
+      return "read";
   }
   return "unknown";
 }
 
 Writer& Writer::U8(uint8_t v) {
-  body_.push_back(static_cast<char>(v));
+  frame_.push_back(static_cast<char>(v));
   return *this;
 }
 Writer& Writer::U32(uint32_t v) {
-  body_.append(reinterpret_cast<const char*>(&v), sizeof(v));
+  frame_.append(reinterpret_cast<const char*>(&v), sizeof(v));
   return *this;
 }
 Writer& Writer::U64(uint64_t v) {
-  body_.append(reinterpret_cast<const char*>(&v), sizeof(v));
+  frame_.append(reinterpret_cast<const char*>(&v), sizeof(v));
   return *this;
 }
 Writer& Writer::Str(std::string_view v) {
   U32(static_cast<uint32_t>(v.size()));
-  body_.append(v);
+  frame_.append(v);
   return *this;
 }
-std::string Writer::Frame() const {
-  std::string out;
-  const auto n = static_cast<uint32_t>(body_.size());
-  out.reserve(sizeof(n) + body_.size());
-  out.append(reinterpret_cast<const char*>(&n), sizeof(n));
-  out.append(body_);
-  return out;
+std::string Writer::Frame() const& { return Writer(*this).Frame(); }
+std::string Writer::Frame() && {
+  const auto n = static_cast<uint32_t>(frame_.size() - sizeof(uint32_t));
+  std::memcpy(frame_.data(), &n, sizeof(n));
+  return std::move(frame_);
 }
 
 bool Reader::Take(void* out, size_t n) {
@@ -82,13 +84,14 @@ uint64_t Reader::U64() {
   Take(&v, sizeof(v));
   return v;
 }
-std::string Reader::Str() {
+std::string Reader::Str() { return std::string(View()); }
+std::string_view Reader::View() {
   const uint32_t n = U32();
   if (!ok_ || rest_.size() < n) {
     ok_ = false;
     return {};
   }
-  std::string out(rest_.substr(0, n));
+  std::string_view out = rest_.substr(0, n);
   rest_.remove_prefix(n);
   return out;
 }
@@ -105,7 +108,7 @@ std::string ErrorReply(const Status& status) {
   Writer w;
   w.U8(static_cast<uint8_t>(status.ok() ? StatusCode::kInternal : status.code()));
   w.Str(status.ok() ? "error reply without an error" : status.message());
-  return w.Frame();
+  return std::move(w).Frame();
 }
 
 Writer OkReply() {
@@ -114,16 +117,21 @@ Writer OkReply() {
   return w;
 }
 
-Result<std::string> ParseReply(std::string_view body, std::string_view context) {
+Status ReplyStatus(std::string_view body, std::string_view context) {
   if (body.empty()) return InvalidArgument(std::string(context) + ": empty reply");
   const auto code = static_cast<uint8_t>(body[0]);
-  if (code == static_cast<uint8_t>(StatusCode::kOk)) return std::string(body.substr(1));
+  if (code == static_cast<uint8_t>(StatusCode::kOk)) return Status::Ok();
   Reader r(body.substr(1));
   std::string msg = r.Str();
   if (!r.Finish("error reply").ok() || code > static_cast<uint8_t>(StatusCode::kAborted)) {
     return InvalidArgument(std::string(context) + ": malformed error reply");
   }
   return Status(static_cast<StatusCode>(code), std::string(context) + ": server: " + msg);
+}
+
+Result<std::string> ParseReply(std::string_view body, std::string_view context) {
+  RELAYKV_RETURN_IF_ERROR(ReplyStatus(body, context));
+  return std::string(ReplyFields(body));
 }
 
 Status SendFrame(int fd, std::string_view frame, std::chrono::milliseconds timeout) {

@@ -1,9 +1,13 @@
 // Control protocol between store clients and a store server.
 //
-// Bytes never travel here: a client reserves space over this channel, writes
-// the record with one-sided transport operations into the server's
-// registered segment, then seals it here; a reader leases a record here and
-// reads it the same way. The channel is a TCP stream of frames:
+// Large records never travel here: a client reserves space over this
+// channel, writes the record with one-sided transport operations into the
+// server's registered segment, then seals it here; a reader leases a record
+// here and reads it the same way. A small record rides inside one message
+// (kPut, kRead), since each round trip here costs more than moving it (a
+// loopback TCP round trip is tens of µs). Requests are answered in order, so
+// a client may send one (kRelease) and read its reply later. The channel is a
+// TCP stream of frames:
 //
 //   frame    := u32 body_length (little-endian, <= kMaxFrameBytes) body
 //   request  := u8 Op, fields
@@ -26,8 +30,15 @@
 
 namespace relaykv::wire {
 
-inline constexpr uint32_t kProtocolVersion = 1;
-inline constexpr uint32_t kMaxFrameBytes = 1u << 20;
+// Version 2 added kPut and kRead; a version-2 server still serves version 1.
+inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kMinProtocolVersion = 1;
+// Largest record carried inside a control message (kPut, kRead). Over UCX
+// tcp, one message beats reserve + put + flush + seal up to a few MB (and
+// loses nothing at 16 MB); a connection buffers at most one frame.
+inline constexpr uint32_t kMaxInlineBytes = 4u << 20;
+// Room for the other fields of a message.
+inline constexpr uint32_t kMaxFrameBytes = kMaxInlineBytes + 4096;
 
 enum class Op : uint8_t {
   kHello = 1,    // u32 version, str token, str client name
@@ -44,7 +55,18 @@ enum class Op : uint8_t {
   kRelease = 6,  // u64 lease → (nothing)
   kDelete = 7,   // str ns, u64 id → (nothing)
   kStats = 8,    // → str "key value" lines
+  // Version 2. A small record costs one round trip this way, against two
+  // (reserve, seal) plus the one-sided write and its flush.
+  kPut = 9,  // str ns, u64 id, u32 ttl_ms, str record (<= kMaxInlineBytes)
+             //   → (nothing), answered as kSeal is; AlreadyExists as kReserve
+  // Version 2: kLease, or the record itself when it is small enough.
+  kRead = 10,  // str ns, u64 id, u64 inline_limit
+               //   → u8 form; form 0: u64 lease, u32 segment, u64 offset,
+               //     u64 size (then kRelease); form 1: str record (no lease)
 };
+// kRead's reply forms.
+inline constexpr uint8_t kReadLeased = 0;
+inline constexpr uint8_t kReadInline = 1;
 std::string_view OpName(Op op);
 
 class Writer {
@@ -53,12 +75,14 @@ class Writer {
   Writer& U32(uint32_t v);
   Writer& U64(uint64_t v);
   Writer& Str(std::string_view v);
-  // Body → frame (length prefix added).
-  std::string Frame() const;
-  const std::string& body() const { return body_; }
+  // Body → frame (length prefix added). The rvalue form hands over the
+  // buffer without copying it (records travel in frames).
+  std::string Frame() const&;
+  std::string Frame() &&;
 
  private:
-  std::string body_;
+  // The frame being built: room for the length prefix, then the body.
+  std::string frame_ = std::string(sizeof(uint32_t), '\0');
 };
 
 // Reads fields off a body; any read past the end poisons the reader and
@@ -70,6 +94,8 @@ class Reader {
   uint32_t U32();
   uint64_t U64();
   std::string Str();
+  // A length-prefixed field left in place: valid while the body is.
+  std::string_view View();
   // OK when every read fit and nothing is left over.
   Status Finish(std::string_view what) const;
   bool ok() const { return ok_; }
@@ -86,6 +112,10 @@ Writer OkReply();
 // Splits a response body: OK → the reply fields; otherwise the carried error
 // (with `context` in front, and the code the server sent).
 Result<std::string> ParseReply(std::string_view body, std::string_view context);
+// The same without copying the fields: the status, and then the fields of
+// an OK body in place.
+Status ReplyStatus(std::string_view body, std::string_view context);
+inline std::string_view ReplyFields(std::string_view ok_body) { return ok_body.substr(1); }
 
 // Blocking client-side framing on a connected socket; every call bounded by
 // `timeout`. A closed or reset peer is Unavailable, a timeout DeadlineExceeded.

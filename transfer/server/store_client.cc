@@ -35,6 +35,11 @@ struct StoreClient::Impl {
   std::vector<RemoteDescriptor> segments;
   uint64_t capacity = 0;
   bool healthy = true;
+  // Requests sent whose replies were not read yet (releases): their replies
+  // come first on the socket, in order, and are read with the next call's.
+  int unanswered = 0;
+  uint64_t inline_limit = 0;
+  uint64_t inline_ops = 0;
   std::mutex mu;
 
   ~Impl() {
@@ -54,19 +59,42 @@ struct StoreClient::Impl {
     return Unavailable("store client for " + address + ": broken by an earlier failure");
   }
 
-  // One request/response on the control socket.
-  Result<std::string> Call(const wire::Writer& request, std::string_view what) {
-    Status s = wire::SendFrame(fd, request.Frame(), options.timeout);
+  // A request whose reply is read later (with the next Call's).
+  Status Send(wire::Writer&& request, std::string_view what) {
+    Status s = wire::SendFrame(fd, std::move(request).Frame(), options.timeout);
     if (!s.ok()) {
       MarkBroken();
       return s.WithContext(std::string(what) + " to " + address);
+    }
+    ++unanswered;
+    return Status::Ok();
+  }
+
+  // One request/response on the control socket: the OK response body (its
+  // fields start at wire::ReplyFields), or the error it carried.
+  Result<std::string> Call(wire::Writer&& request, std::string_view what) {
+    Status s = wire::SendFrame(fd, std::move(request).Frame(), options.timeout);
+    if (!s.ok()) {
+      MarkBroken();
+      return s.WithContext(std::string(what) + " to " + address);
+    }
+    // Earlier replies first. Their outcome is not wanted: a release cannot
+    // fail in a way its sender could act on (the server drops every lease
+    // of a connection when it closes).
+    for (; unanswered > 0; --unanswered) {
+      auto earlier = wire::RecvFrame(fd, options.timeout);
+      if (!earlier.ok()) {
+        MarkBroken();
+        return earlier.status().WithContext(std::string(what) + " to " + address);
+      }
     }
     auto body = wire::RecvFrame(fd, options.timeout);
     if (!body.ok()) {
       MarkBroken();
       return body.status().WithContext(std::string(what) + " to " + address);
     }
-    return wire::ParseReply(*body, std::string(what) + " (" + address + ")");
+    RELAYKV_RETURN_IF_ERROR(wire::ReplyStatus(*body, std::string(what) + " (" + address + ")"));
+    return std::move(*body);
   }
 
   Result<const RemoteDescriptor*> Segment(uint32_t index) {
@@ -100,6 +128,13 @@ const std::string& StoreClient::server_name() const { return impl_->server_name;
 uint64_t StoreClient::capacity_bytes() const { return impl_->capacity; }
 bool StoreClient::healthy() const { return impl_->healthy; }
 
+uint64_t StoreClient::inline_transfers() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->inline_ops;
+}
+
+uint64_t StoreClient::inline_bytes() const { return impl_->inline_limit; }
+
 uint64_t StoreClient::mapped_transfers() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   return impl_->transport->mapped_operations();
@@ -107,6 +142,10 @@ uint64_t StoreClient::mapped_transfers() const {
 
 Result<std::unique_ptr<StoreClient>> StoreClient::Connect(std::string_view control_address,
                                                           const StoreClientOptions& options) {
+  if (options.inline_bytes.value_or(0) > wire::kMaxInlineBytes) {
+    return InvalidArgument("store client: inline_bytes " + std::to_string(*options.inline_bytes) +
+                           " exceeds " + std::to_string(wire::kMaxInlineBytes));
+  }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->address = std::string(control_address);
@@ -116,8 +155,8 @@ Result<std::unique_ptr<StoreClient>> StoreClient::Connect(std::string_view contr
       .U32(wire::kProtocolVersion)
       .Str(options.token)
       .Str(options.client_name);
-  RELAYKV_ASSIGN_OR_RETURN(std::string reply, impl->Call(hello, "hello"));
-  wire::Reader r(reply);
+  RELAYKV_ASSIGN_OR_RETURN(std::string reply, impl->Call(std::move(hello), "hello"));
+  wire::Reader r(wire::ReplyFields(reply));
   impl->server_name = r.Str();
   const std::string transport = r.Str();
   const std::string address = r.Str();
@@ -141,6 +180,15 @@ Result<std::unique_ptr<StoreClient>> StoreClient::Connect(std::string_view contr
   ucx.map_peer_memory = true;
   RELAYKV_ASSIGN_OR_RETURN(impl->transport, UcxTransport::Create(ucx));
   RELAYKV_ASSIGN_OR_RETURN(impl->endpoint, impl->transport->Connect(address));
+  if (options.inline_bytes.has_value()) {
+    impl->inline_limit = *options.inline_bytes;
+  } else {
+    const bool mapped =
+        !impl->segments.empty() &&
+        std::all_of(impl->segments.begin(), impl->segments.end(),
+                    [&](const RemoteDescriptor& d) { return impl->endpoint->Mapped(d); });
+    impl->inline_limit = mapped ? kDefaultMappedInlineBytes : kDefaultRemoteInlineBytes;
+  }
   return std::unique_ptr<StoreClient>(new StoreClient(std::move(impl)));
 }
 
@@ -149,14 +197,25 @@ Status StoreClient::Put(std::string_view ns, uint64_t id, std::span<const std::b
   std::lock_guard<std::mutex> lock(m.mu);
   if (record.empty()) return InvalidArgument("put: empty record");
   RELAYKV_RETURN_IF_ERROR(m.CheckUsable());
+  if (record.size() <= m.inline_limit) {
+    wire::Writer put;
+    put.U8(static_cast<uint8_t>(wire::Op::kPut))
+        .Str(ns)
+        .U64(id)
+        .U32(static_cast<uint32_t>(m.options.record_ttl.count()))
+        .Str({reinterpret_cast<const char*>(record.data()), record.size()});
+    RELAYKV_RETURN_IF_ERROR(m.Call(std::move(put), "put").status());
+    ++m.inline_ops;
+    return Status::Ok();
+  }
   wire::Writer req;
   req.U8(static_cast<uint8_t>(wire::Op::kReserve))
       .Str(ns)
       .U64(id)
       .U64(record.size())
       .U32(static_cast<uint32_t>(m.options.record_ttl.count()));
-  RELAYKV_ASSIGN_OR_RETURN(std::string reply, m.Call(req, "reserve"));
-  wire::Reader r(reply);
+  RELAYKV_ASSIGN_OR_RETURN(std::string reply, m.Call(std::move(req), "reserve"));
+  wire::Reader r(wire::ReplyFields(reply));
   const uint64_t handle = r.U64();
   const uint32_t segment = r.U32();
   const uint64_t offset = r.U64();
@@ -164,7 +223,7 @@ Status StoreClient::Put(std::string_view ns, uint64_t id, std::span<const std::b
   auto abort = [&](Status s) {
     wire::Writer a;
     a.U8(static_cast<uint8_t>(wire::Op::kAbort)).U64(handle);
-    if (m.healthy) (void)m.Call(a, "abort");
+    if (m.healthy) (void)m.Call(std::move(a), "abort");
     return s;
   };
   auto seg = m.Segment(segment);
@@ -175,7 +234,7 @@ Status StoreClient::Put(std::string_view ns, uint64_t id, std::span<const std::b
   if (!s.ok()) return abort(s);
   wire::Writer seal;
   seal.U8(static_cast<uint8_t>(wire::Op::kSeal)).U64(handle);
-  return m.Call(seal, "seal").status();
+  return m.Call(std::move(seal), "seal").status();
 }
 
 Status StoreClient::Get(std::string_view ns, uint64_t id, RecordBuffer* out) {
@@ -183,24 +242,32 @@ Status StoreClient::Get(std::string_view ns, uint64_t id, RecordBuffer* out) {
   std::lock_guard<std::mutex> lock(m.mu);
   RELAYKV_RETURN_IF_ERROR(m.CheckUsable());
   wire::Writer req;
-  req.U8(static_cast<uint8_t>(wire::Op::kLease)).Str(ns).U64(id);
-  RELAYKV_ASSIGN_OR_RETURN(std::string reply, m.Call(req, "lease"));
-  wire::Reader r(reply);
+  req.U8(static_cast<uint8_t>(wire::Op::kRead)).Str(ns).U64(id).U64(m.inline_limit);
+  RELAYKV_ASSIGN_OR_RETURN(std::string reply, m.Call(std::move(req), "read"));
+  wire::Reader r(wire::ReplyFields(reply));
+  if (r.U8() == wire::kReadInline) {
+    const std::string_view record = r.View();
+    RELAYKV_RETURN_IF_ERROR(r.Finish("read reply"));
+    out->Resize(record.size());
+    std::memcpy(out->data(), record.data(), record.size());
+    ++m.inline_ops;
+    return Status::Ok();
+  }
   const uint64_t lease = r.U64();
   const uint32_t segment = r.U32();
   const uint64_t offset = r.U64();
   const uint64_t size = r.U64();
-  RELAYKV_RETURN_IF_ERROR(r.Finish("lease reply"));
+  RELAYKV_RETURN_IF_ERROR(r.Finish("read reply"));
   out->Resize(size);
-  Status s;
   auto seg = m.Segment(segment);
-  s = seg.ok() ? m.Transfer(m.endpoint->Read(out->data(), size, **seg, offset), "get read")
-               : seg.status();
-  // The bytes are ours now (or the read failed): give the lease back either way.
+  Status s = seg.ok() ? m.Transfer(m.endpoint->Read(out->data(), size, **seg, offset), "get read")
+                      : seg.status();
+  // The bytes are ours now (or the read failed): give the lease back either
+  // way, without waiting for the answer.
   wire::Writer rel;
   rel.U8(static_cast<uint8_t>(wire::Op::kRelease)).U64(lease);
   if (m.healthy) {
-    Status rs = m.Call(rel, "release").status();
+    Status rs = m.Send(std::move(rel), "release");
     if (s.ok()) s = rs;
   }
   return s;
@@ -209,18 +276,20 @@ Status StoreClient::Get(std::string_view ns, uint64_t id, RecordBuffer* out) {
 Status StoreClient::Delete(std::string_view ns, uint64_t id) {
   Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mu);
+  RELAYKV_RETURN_IF_ERROR(m.CheckUsable());
   wire::Writer req;
   req.U8(static_cast<uint8_t>(wire::Op::kDelete)).Str(ns).U64(id);
-  return m.Call(req, "delete").status();
+  return m.Call(std::move(req), "delete").status();
 }
 
 Result<std::string> StoreClient::Stats() {
   Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mu);
+  RELAYKV_RETURN_IF_ERROR(m.CheckUsable());
   wire::Writer req;
   req.U8(static_cast<uint8_t>(wire::Op::kStats));
-  RELAYKV_ASSIGN_OR_RETURN(std::string reply, m.Call(req, "stats"));
-  wire::Reader r(reply);
+  RELAYKV_ASSIGN_OR_RETURN(std::string reply, m.Call(std::move(req), "stats"));
+  wire::Reader r(wire::ReplyFields(reply));
   std::string text = r.Str();
   RELAYKV_RETURN_IF_ERROR(r.Finish("stats reply"));
   return text;

@@ -20,6 +20,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <span>
 #include <sstream>
 #include <thread>
 #include <unordered_map>
@@ -62,6 +63,40 @@ struct PendingWrite {
   uint64_t id = 0;
 };
 
+// Received bytes not yet taken as frames. A receive goes straight into it,
+// sized for the frame being read, without zero-filling or regrowing as it
+// fills: a multi-MB inline record is copied once out of the socket.
+class InBuffer {
+ public:
+  std::string_view view() const { return {data_.get(), size_}; }
+  size_t size() const { return size_; }
+  // At least `n` writable bytes after the contents.
+  std::span<char> Spare(size_t n) {
+    if (cap_ - size_ < n) {
+      const size_t cap = std::max(size_ + n, cap_ * 2);
+      auto grown = std::make_unique_for_overwrite<char[]>(cap);
+      if (size_ > 0) std::memcpy(grown.get(), data_.get(), size_);
+      data_ = std::move(grown);
+      cap_ = cap;
+    }
+    return {data_.get() + size_, cap_ - size_};
+  }
+  void Commit(size_t n) { size_ += n; }
+  void Consume(size_t n) {
+    if (n == 0) return;
+    std::memmove(data_.get(), data_.get() + n, size_ - n);
+    size_ -= n;
+  }
+  void Clear() { Consume(size_); }
+
+ private:
+  // Kept once grown (at most a frame's worth per connection): freeing it
+  // would make the next large frame fault in fresh pages, which measured
+  // slower than the copy it saves.
+  std::unique_ptr<char[]> data_;
+  size_t size_ = 0, cap_ = 0;
+};
+
 struct Conn {
   UniqueFd fd;
   uint64_t serial = 0;  // fds are reused; completions find their connection by this
@@ -72,8 +107,20 @@ struct Conn {
   bool authed = false;
   bool closing = false;  // close once `out` is flushed
   std::string client;
-  std::string in;
+  // Bytes received and not yet taken as frames. Replies go out from
+  // out[out_sent...]: consumed prefixes are dropped in one go, not per
+  // partial send (a multi-MB inline record would be moved over and over).
+  InBuffer in;
   std::string out;
+  size_t out_sent = 0;
+  bool out_pending() const { return out_sent < out.size(); }
+  void Reply(std::string frame) {
+    if (out.empty()) {
+      out = std::move(frame);
+    } else {
+      out += frame;
+    }
+  }
   std::unordered_map<uint64_t, PendingWrite> writes;
   std::unordered_map<uint64_t, ReadLease> leases;
 };
@@ -206,6 +253,28 @@ struct StoreServer::Impl {
     }
     entry.tokens.clear();
     EnqueueDir({DirOp::Kind::kRemove, std::move(entry), 0, std::nullopt});
+  }
+
+  // Space for (ns, id) in the store (kReserve, kPut).
+  Result<WriteHandle> Reserve(const std::string& ns, uint64_t id, uint64_t size, uint32_t ttl_ms) {
+    const uint64_t internal = InternalId(ns, id);
+    return ttl_ms == 0 ? store->Reserve(internal, size)
+                       : store->Reserve(internal, size, std::chrono::milliseconds(ttl_ms));
+  }
+  // Verifies, seals and publishes a written record (kSeal, kPut). The reply
+  // waits for the directory to list it (DeliverCompletions): a writer that
+  // got OK can tell any reader to look it up. Empty: the reply comes later.
+  std::string Seal(Conn& c, PendingWrite pw) {
+    if (options.verify_payload) {
+      c.awaiting_publish = true;
+      EnqueueDir({DirOp::Kind::kSeal, RecordEntry{}, c.serial, std::move(pw)});
+      return std::string();
+    }
+    auto entry = VerifyAndSeal(std::move(pw));
+    if (!entry.ok()) return wire::ErrorReply(entry.status());
+    c.awaiting_publish = true;
+    EnqueueDir({DirOp::Kind::kPublish, std::move(*entry), c.serial, std::nullopt});
+    return std::string();
   }
 
   // ---- event loop -------------------------------------------------------
@@ -375,7 +444,7 @@ void StoreServer::Impl::Loop() {
       // A connection waiting on a seal's answer is not read meanwhile: its next
       // requests stay in the socket (and a flooding client in its own buffers).
       const short in = c.awaiting_publish ? 0 : POLLIN;
-      fds.push_back({fd, static_cast<short>(in | (c.out.empty() ? 0 : POLLOUT)), 0});
+      fds.push_back({fd, static_cast<short>(in | (c.out_pending() ? POLLOUT : 0)), 0});
       conn_fds.push_back(fd);
     }
     const int timeout_ms = efd >= 0 ? (armed ? 200 : 0) : 1;
@@ -396,7 +465,7 @@ void StoreServer::Impl::Loop() {
         Conn& c = it->second;
         if (ev & (POLLIN | POLLHUP | POLLERR)) OnReadable(c);
         Flush(c);
-        const bool dead = c.fd.get() < 0 || (c.closing && c.out.empty());
+        const bool dead = c.fd.get() < 0 || (c.closing && !c.out_pending());
         if (dead) {
           if (!c.http) --clients;
           conns.erase(it);  // aborts its reservations, releases its leases
@@ -426,10 +495,10 @@ void StoreServer::Impl::DeliverCompletions() {
     if (it == conns.end()) continue;
     Conn& c = it->second;
     c.awaiting_publish = false;
-    c.out += d.status.ok() ? wire::OkReply().Frame() : wire::ErrorReply(d.status);
+    c.Reply(d.status.ok() ? wire::OkReply().Frame() : wire::ErrorReply(d.status));
     ProcessInput(c);  // requests that queued up behind the seal
     Flush(c);
-    if (c.fd.get() < 0 || (c.closing && c.out.empty())) {
+    if (c.fd.get() < 0 || (c.closing && !c.out_pending())) {
       --clients;
       conns.erase(it);
     }
@@ -451,12 +520,22 @@ void StoreServer::Impl::Accept(int lfd, bool http) {
 }
 
 void StoreServer::Impl::OnReadable(Conn& c) {
-  char buf[64 * 1024];
   for (;;) {
-    const ssize_t n = ::recv(c.fd.get(), buf, sizeof(buf), 0);
+    // Room for the rest of the frame being read (its length is known once
+    // its first four bytes are in), and at least 64 KB.
+    size_t want = 64 * 1024;
+    if (!c.http && c.in.size() >= sizeof(uint32_t)) {
+      uint32_t len;
+      std::memcpy(&len, c.in.view().data(), sizeof(len));
+      if (len <= wire::kMaxFrameBytes && sizeof(len) + len > c.in.size()) {
+        want = std::max(want, sizeof(len) + len - c.in.size());
+      }
+    }
+    const std::span<char> spare = c.in.Spare(want);
+    const ssize_t n = ::recv(c.fd.get(), spare.data(), spare.size(), 0);
     if (n > 0) {
-      c.in.append(buf, static_cast<size_t>(n));
-      if (static_cast<size_t>(n) < sizeof(buf)) break;
+      c.in.Commit(static_cast<size_t>(n));
+      if (static_cast<size_t>(n) < spare.size()) break;
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
@@ -472,25 +551,29 @@ void StoreServer::Impl::OnReadable(Conn& c) {
 }
 
 void StoreServer::Impl::ProcessInput(Conn& c) {
-  while (!c.closing && !c.awaiting_publish && c.in.size() >= sizeof(uint32_t)) {
+  const std::string_view in = c.in.view();
+  size_t at = 0;
+  while (!c.closing && !c.awaiting_publish && in.size() - at >= sizeof(uint32_t)) {
     uint32_t len;
-    std::memcpy(&len, c.in.data(), sizeof(len));
+    std::memcpy(&len, in.data() + at, sizeof(len));
     if (len > wire::kMaxFrameBytes) {
-      c.out += wire::ErrorReply(InvalidArgument("frame too large"));
+      c.Reply(wire::ErrorReply(InvalidArgument("frame too large")));
       c.closing = true;
       break;
     }
-    if (c.in.size() < sizeof(len) + len) break;
-    HandleFrame(c, std::string_view(c.in).substr(sizeof(len), len));
-    c.in.erase(0, sizeof(len) + len);
+    if (in.size() - at < sizeof(len) + len) break;
+    HandleFrame(c, in.substr(at + sizeof(len), len));
+    at += sizeof(len) + len;
   }
+  c.in.Consume(at);
 }
 
 void StoreServer::Impl::Flush(Conn& c) {
-  while (!c.out.empty() && c.fd.get() >= 0) {
-    const ssize_t n = ::send(c.fd.get(), c.out.data(), c.out.size(), MSG_NOSIGNAL);
+  while (c.out_pending() && c.fd.get() >= 0) {
+    const ssize_t n =
+        ::send(c.fd.get(), c.out.data() + c.out_sent, c.out.size() - c.out_sent, MSG_NOSIGNAL);
     if (n > 0) {
-      c.out.erase(0, static_cast<size_t>(n));
+      c.out_sent += static_cast<size_t>(n);
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
@@ -498,22 +581,24 @@ void StoreServer::Impl::Flush(Conn& c) {
     c.fd.reset();
     return;
   }
+  c.out.clear();
+  c.out_sent = 0;
 }
 
 void StoreServer::Impl::HandleFrame(Conn& c, std::string_view body) {
   if (body.empty()) {
-    c.out += wire::ErrorReply(InvalidArgument("empty request"));
+    c.Reply(wire::ErrorReply(InvalidArgument("empty request")));
     return;
   }
   const auto op = static_cast<Op>(static_cast<uint8_t>(body[0]));
   wire::Reader r(body.substr(1));
   if (op != Op::kHello && !c.authed) {
     ++auth_failures;
-    c.out += wire::ErrorReply(PermissionDenied("hello with the deployment token first"));
+    c.Reply(wire::ErrorReply(PermissionDenied("hello with the deployment token first")));
     c.closing = true;
     return;
   }
-  c.out += Handle(c, op, r);
+  c.Reply(Handle(c, op, r));
 }
 
 std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
@@ -523,11 +608,12 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       const std::string token = r.Str();
       c.client = r.Str();
       if (Status s = r.Finish("hello"); !s.ok()) return wire::ErrorReply(s);
-      if (version != wire::kProtocolVersion) {
+      if (version < wire::kMinProtocolVersion || version > wire::kProtocolVersion) {
         c.closing = true;
-        return wire::ErrorReply(FailedPrecondition("protocol version " + std::to_string(version) +
-                                                   " not supported (server speaks " +
-                                                   std::to_string(wire::kProtocolVersion) + ")"));
+        return wire::ErrorReply(FailedPrecondition(
+            "protocol version " + std::to_string(version) + " not supported (server speaks " +
+            std::to_string(wire::kMinProtocolVersion) + " to " +
+            std::to_string(wire::kProtocolVersion) + ")"));
       }
       if (!options.token.empty() && !TokenEquals(token, options.token)) {
         ++auth_failures;
@@ -540,7 +626,7 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       w.U32(static_cast<uint32_t>(registrations.size()));
       for (const auto& reg : registrations) w.Str(reg->descriptor());
       w.U64(store->capacity_bytes());
-      return w.Frame();
+      return std::move(w).Frame();
     }
     case Op::kReserve: {
       const std::string ns = r.Str();
@@ -549,15 +635,13 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       const uint32_t ttl_ms = r.U32();
       if (Status s = r.Finish("reserve"); !s.ok()) return wire::ErrorReply(s);
       if (ns.empty()) return wire::ErrorReply(InvalidArgument("reserve: empty namespace"));
-      const uint64_t internal = InternalId(ns, id);
-      auto handle = ttl_ms == 0 ? store->Reserve(internal, size)
-                                : store->Reserve(internal, size, std::chrono::milliseconds(ttl_ms));
+      auto handle = Reserve(ns, id, size, ttl_ms);
       if (!handle.ok()) return wire::ErrorReply(handle.status());
       const uint64_t h = next_handle++;
       wire::Writer w = wire::OkReply();
       w.U64(h).U32(handle->segment()).U64(handle->offset());
       c.writes.emplace(h, PendingWrite{std::move(*handle), ns, id});
-      return w.Frame();
+      return std::move(w).Frame();
     }
     case Op::kSeal: {
       const uint64_t h = r.U64();
@@ -566,18 +650,20 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       if (it == c.writes.end()) return wire::ErrorReply(NotFound("seal: unknown handle"));
       PendingWrite pw = std::move(it->second);
       c.writes.erase(it);
-      // Answered once the directory lists the record (DeliverCompletions): a
-      // writer that got OK can tell any reader to look it up.
-      if (options.verify_payload) {
-        c.awaiting_publish = true;
-        EnqueueDir({DirOp::Kind::kSeal, RecordEntry{}, c.serial, std::move(pw)});
-        return std::string();
-      }
-      auto entry = VerifyAndSeal(std::move(pw));
-      if (!entry.ok()) return wire::ErrorReply(entry.status());
-      c.awaiting_publish = true;
-      EnqueueDir({DirOp::Kind::kPublish, std::move(*entry), c.serial, std::nullopt});
-      return std::string();
+      return Seal(c, std::move(pw));
+    }
+    case Op::kPut: {
+      const std::string ns = r.Str();
+      const uint64_t id = r.U64();
+      const uint32_t ttl_ms = r.U32();
+      const std::string_view record = r.View();
+      if (Status s = r.Finish("put"); !s.ok()) return wire::ErrorReply(s);
+      if (ns.empty()) return wire::ErrorReply(InvalidArgument("put: empty namespace"));
+      if (record.empty()) return wire::ErrorReply(InvalidArgument("put: empty record"));
+      auto handle = Reserve(ns, id, record.size(), ttl_ms);
+      if (!handle.ok()) return wire::ErrorReply(handle.status());
+      std::memcpy(handle->data(), record.data(), record.size());
+      return Seal(c, PendingWrite{std::move(*handle), ns, id});
     }
     case Op::kAbort: {
       const uint64_t h = r.U64();
@@ -585,20 +671,31 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
       c.writes.erase(h);
       return wire::OkReply().Frame();
     }
-    case Op::kLease: {
+    case Op::kLease:
+    case Op::kRead: {
       const std::string ns = r.Str();
       const uint64_t id = r.U64();
-      if (Status s = r.Finish("lease"); !s.ok()) return wire::ErrorReply(s);
+      const uint64_t inline_limit = op == Op::kRead ? r.U64() : 0;
+      if (Status s = r.Finish(wire::OpName(op)); !s.ok()) return wire::ErrorReply(s);
       const uint64_t internal = InternalId(ns, id);
       if (!Holds(internal, ns, id)) return wire::ErrorReply(NotFound("record not stored here"));
       auto lease = store->Get(internal);
       if (!lease.ok()) return wire::ErrorReply(lease.status());
-      const uint64_t h = next_handle++;
-      wire::Writer w = wire::OkReply();
-      w.U64(h).U32(lease->segment()).U64(lease->offset()).U64(lease->size());
       bytes_read += lease->size();
+      wire::Writer w = wire::OkReply();
+      if (op == Op::kRead) {
+        if (lease->size() <= std::min<uint64_t>(inline_limit, wire::kMaxInlineBytes)) {
+          // Copied into the reply under the lease, which ends here.
+          w.U8(wire::kReadInline)
+              .Str({reinterpret_cast<const char*>(lease->data()), lease->size()});
+          return std::move(w).Frame();
+        }
+        w.U8(wire::kReadLeased);
+      }
+      const uint64_t h = next_handle++;
+      w.U64(h).U32(lease->segment()).U64(lease->offset()).U64(lease->size());
       c.leases.emplace(h, std::move(*lease));
-      return w.Frame();
+      return std::move(w).Frame();
     }
     case Op::kRelease: {
       const uint64_t h = r.U64();
@@ -624,7 +721,7 @@ std::string StoreServer::Impl::Handle(Conn& c, Op op, wire::Reader& r) {
         << st.capacity_bytes << "\nleases " << st.leases << "\npending " << st.pending
         << "\nevictions " << st.evictions << "\n";
       w.Str(o.str());
-      return w.Frame();
+      return std::move(w).Frame();
     }
   }
   c.closing = true;
@@ -680,15 +777,16 @@ std::string RenderMetrics(const StoreServer::Impl& s) {
 std::string StoreServer::MetricsText() const { return RenderMetrics(*impl_); }
 
 void StoreServer::Impl::HandleHttp(Conn& c) {
-  const size_t end = c.in.find("\r\n\r\n");
+  const std::string_view in = c.in.view();
+  const size_t end = in.find("\r\n\r\n");
   if (end == std::string::npos) {
-    if (c.in.size() > 8192) c.fd.reset();
+    if (in.size() > 8192) c.fd.reset();
     return;
   }
-  const size_t sp1 = c.in.find(' ');
-  const size_t sp2 = sp1 == std::string::npos ? sp1 : c.in.find(' ', sp1 + 1);
-  const std::string method = c.in.substr(0, sp1);
-  const std::string path = sp2 == std::string::npos ? "" : c.in.substr(sp1 + 1, sp2 - sp1 - 1);
+  const size_t sp1 = in.find(' ');
+  const size_t sp2 = sp1 == std::string::npos ? sp1 : in.find(' ', sp1 + 1);
+  const std::string method(in.substr(0, sp1));
+  const std::string path(sp2 == std::string::npos ? "" : in.substr(sp1 + 1, sp2 - sp1 - 1));
   int code = 200;
   std::string body, type = "text/plain; charset=utf-8";
   if (method != "GET") {
@@ -717,7 +815,7 @@ void StoreServer::Impl::HandleHttp(Conn& c) {
   c.out += "HTTP/1.1 " + std::to_string(code) + " " + reason + "\r\nContent-Type: " + type +
            "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" +
            body;
-  c.in.clear();
+  c.in.Clear();
   c.closing = true;
 }
 

@@ -6,7 +6,8 @@
 //   put (export: reserve, one-sided write, flush, seal with the server's
 //   verification) and get (import: lease, one-sided read, release) over
 //   UCX tcp and UCX shared memory;
-// and the fixed cost of a small (~4 KB) record: put and get median µs.
+// and the fixed cost of a small (~9 KB) record: put and get median µs, with
+// the record inside the control messages (the default) and one-sided.
 // One JSON object per line on stdout.
 #include <cstdio>
 #include <regex>
@@ -89,68 +90,102 @@ void BenchStore(const char* path, const std::string& tls, bool peer_errors,
   o.ucx_peer_error_handling = peer_errors;
   o.timeout = std::chrono::seconds(60);
   auto client = StoreClient::Connect(server.control, o);
-  if (!client.ok()) {
-    JsonLine("server").Str("path", path).Str("error", client.status().ToString()).Print();
-    return;
+  // The same server without inline records: what the default is measured
+  // against wherever it sends records inside the control messages.
+  StoreClientOptions one_sided_options = o;
+  one_sided_options.inline_bytes = 0;
+  auto one_sided = StoreClient::Connect(server.control, one_sided_options);
+  for (auto* c : {&client, &one_sided}) {
+    if (!c->ok()) {
+      JsonLine("server").Str("path", path).Str("error", c->status().ToString()).Print();
+      return;
+    }
   }
+  struct Way {
+    StoreClient* client;
+    std::vector<double> put, get;
+  };
   const RecordMeta big = BigMeta();
   const std::string ns = RecordNamespaceKey(big);
   uint64_t next_id = 1;
   for (uint64_t target : bench::kSizes) {
     const auto tokens = static_cast<int32_t>(target / (2 * 32 * big.layout.TokenBytes()));
     const RecordBuffer rec = MakeRecord(big, tokens, 1);
-    std::vector<double> put, get;
+    const bool goes_inline = rec.size() <= (*client)->inline_bytes();
+    std::vector<Way> ways = {{client->get(), {}, {}}};
+    if (goes_inline) ways.push_back({one_sided->get(), {}, {}});
     RecordBuffer out;
     for (int i = 0; i < bench::Reps(target) + 1; ++i) {
+      for (Way& w : ways) {  // interleaved, so both see the same machine
+        const uint64_t id = next_id++;
+        double t0 = NowSeconds();
+        Status s = w.client->Put(ns, id, rec.bytes());
+        const double t_put = NowSeconds() - t0;
+        t0 = NowSeconds();
+        if (s.ok()) s = w.client->Get(ns, id, &out);
+        const double t_get = NowSeconds() - t0;
+        if (s.ok() &&
+            (out.size() != rec.size() || std::memcmp(out.data(), rec.data(), rec.size()) != 0)) {
+          s = DataLoss("read back different bytes");
+        }
+        if (!s.ok()) {
+          JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
+          return;
+        }
+        if (i > 0) w.put.push_back(t_put), w.get.push_back(t_get);  // first one warms up
+      }
+    }
+    for (const Way& w : ways) {
+      const bool in = w.client == client->get() && goes_inline;
+      for (auto [op, v] : {std::pair{"put", &w.put}, std::pair{"get", &w.get}}) {
+        const double secs = Median(*v);
+        JsonLine("server")
+            .Str("path", path)
+            .Str("op", op)
+            .Bool("inline", in)
+            .Int("bytes", static_cast<int64_t>(rec.size()))
+            .Int("reps", static_cast<int64_t>(v->size()))
+            .Num("median_ms", secs * 1e3)
+            .Num("gbps", static_cast<double>(rec.size()) / secs / 1e9)
+            .Print();
+      }
+    }
+  }
+  // Fixed cost: a record of a few KB, where the round trips dominate; carried
+  // inside the control messages (the default) and one-sided, side by side.
+  const RecordMeta small = SmallMeta();
+  const std::string small_ns = RecordNamespaceKey(small);
+  const RecordBuffer rec = MakeRecord(small, 8, 2);
+  Way ways[] = {{client->get(), {}, {}}, {one_sided->get(), {}, {}}};
+  RecordBuffer out;
+  for (int i = 0; i < 220; ++i) {
+    for (Way& w : ways) {  // interleaved, so both see the same machine
       const uint64_t id = next_id++;
       double t0 = NowSeconds();
-      Status s = (*client)->Put(ns, id, rec.bytes());
+      Status s = w.client->Put(small_ns, id, rec.bytes());
       const double t_put = NowSeconds() - t0;
       t0 = NowSeconds();
-      if (s.ok()) s = (*client)->Get(ns, id, &out);
+      if (s.ok()) s = w.client->Get(small_ns, id, &out);
       const double t_get = NowSeconds() - t0;
       if (!s.ok()) {
         JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
         return;
       }
-      if (i > 0) put.push_back(t_put), get.push_back(t_get);  // first one warms up
+      if (i >= 20) w.put.push_back(t_put), w.get.push_back(t_get);
     }
-    if (out.size() != rec.size() || std::memcmp(out.data(), rec.data(), rec.size()) != 0) {
-      JsonLine("server").Str("path", path).Str("error", "read back different bytes").Print();
-      return;
-    }
-    bench::Report("server", path, "put", rec.size(), put);
-    bench::Report("server", path, "get", rec.size(), get);
   }
-  // Fixed cost: a record of a few KB, where the round trips dominate.
-  const RecordMeta small = SmallMeta();
-  const std::string small_ns = RecordNamespaceKey(small);
-  const RecordBuffer rec = MakeRecord(small, 8, 2);
-  std::vector<double> put, get;
-  RecordBuffer out;
-  for (int i = 0; i < 220; ++i) {
-    const uint64_t id = next_id++;
-    double t0 = NowSeconds();
-    Status s = (*client)->Put(small_ns, id, rec.bytes());
-    const double t_put = NowSeconds() - t0;
-    t0 = NowSeconds();
-    if (s.ok()) s = (*client)->Get(small_ns, id, &out);
-    const double t_get = NowSeconds() - t0;
-    if (!s.ok()) {
-      JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
-      return;
+  for (Way& w : ways) {
+    for (auto [op, v] : {std::pair{"put_small", &w.put}, std::pair{"get_small", &w.get}}) {
+      JsonLine("server")
+          .Str("path", path)
+          .Str("op", op)
+          .Bool("inline", w.client == client->get())
+          .Int("bytes", static_cast<int64_t>(rec.size()))
+          .Int("reps", static_cast<int64_t>(v->size()))
+          .Num("p50_us", Median(*v) * 1e6)
+          .Num("p90_us", bench::Percentile(*v, 0.9) * 1e6)
+          .Print();
     }
-    if (i >= 20) put.push_back(t_put), get.push_back(t_get);
-  }
-  for (auto [op, v] : {std::pair{"put_small", &put}, std::pair{"get_small", &get}}) {
-    JsonLine("server")
-        .Str("path", path)
-        .Str("op", op)
-        .Int("bytes", static_cast<int64_t>(rec.size()))
-        .Int("reps", static_cast<int64_t>(v->size()))
-        .Num("p50_us", Median(*v) * 1e6)
-        .Num("p90_us", bench::Percentile(*v, 0.9) * 1e6)
-        .Print();
   }
 }
 

@@ -167,6 +167,203 @@ TEST_F(StoreServerTest, PutThenGetReturnsTheSameBytes) {
   EXPECT_EQ(view->num_tokens(), 300);
 }
 
+// Small records ride inside the control messages (one round trip each way);
+// larger ones are copied one-sided, here through the mapped segment.
+TEST_F(StoreServerTest, SmallRecordsTravelInlineLargeOnesOneSided) {
+  StoreClientOptions o = ClientOptions();
+  o.ucx_tls = "tcp,sysv";
+  auto client = StoreClient::Connect(server_.control(), o);
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  const RecordMeta meta = Meta();
+  const RecordBuffer small = MakeRecord(meta, 16, 1);
+  const RecordBuffer large = MakeRecord(meta, 64, 2);
+  // The segments are mapped here, so only small records go inline.
+  ASSERT_EQ((*client)->inline_bytes(), kDefaultMappedInlineBytes);
+  ASSERT_LE(small.size(), kDefaultMappedInlineBytes);
+  ASSERT_GT(large.size(), kDefaultMappedInlineBytes);
+  RecordBuffer got;
+  ASSERT_TRUE((*client)->Put(Ns(meta), 1, small.bytes()).ok());
+  ASSERT_TRUE((*client)->Get(Ns(meta), 1, &got).ok());
+  ASSERT_EQ(got.size(), small.size());
+  EXPECT_EQ(std::memcmp(got.data(), small.data(), small.size()), 0);
+  EXPECT_EQ((*client)->inline_transfers(), 2u);
+  EXPECT_EQ((*client)->mapped_transfers(), 0u);
+  ASSERT_TRUE((*client)->Put(Ns(meta), 2, large.bytes()).ok());
+  ASSERT_TRUE((*client)->Get(Ns(meta), 2, &got).ok());
+  ASSERT_EQ(got.size(), large.size());
+  EXPECT_EQ(std::memcmp(got.data(), large.data(), large.size()), 0);
+  EXPECT_EQ((*client)->inline_transfers(), 2u);
+  EXPECT_EQ((*client)->mapped_transfers(), 2u);
+  // What one path wrote the other reads.
+  auto other = [&](uint64_t inline_bytes) {
+    StoreClientOptions p = o;
+    p.inline_bytes = inline_bytes;
+    return StoreClient::Connect(server_.control(), p);
+  };
+  auto one_sided = other(0);
+  ASSERT_TRUE(one_sided.ok());
+  ASSERT_TRUE((*one_sided)->Get(Ns(meta), 1, &got).ok());
+  EXPECT_EQ(std::memcmp(got.data(), small.data(), small.size()), 0);
+  auto all_inline = other(wire::kMaxInlineBytes);
+  ASSERT_TRUE(all_inline.ok());
+  ASSERT_TRUE((*all_inline)->Get(Ns(meta), 2, &got).ok());
+  EXPECT_EQ(std::memcmp(got.data(), large.data(), large.size()), 0);
+  EXPECT_EQ((*one_sided)->inline_transfers(), 0u);
+  EXPECT_EQ((*all_inline)->inline_transfers(), 1u);
+}
+
+// Where one-sided bytes are not a local copy, larger records go inline too.
+TEST(StoreServerSegments, UnmappedSegmentsCarryLargerRecordsInline) {
+  StoreProcess server;
+  ASSERT_TRUE(server.Start({"--no-shared-segments"}));
+  StoreClientOptions o = ClientOptions();
+  o.ucx_tls = "tcp,sysv";
+  auto client = StoreClient::Connect(server.control(), o);
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  EXPECT_EQ((*client)->inline_bytes(), kDefaultRemoteInlineBytes);
+  const RecordMeta meta = Meta();
+  const RecordBuffer rec = MakeRecord(meta, 300, 3);
+  ASSERT_GT(rec.size(), kDefaultMappedInlineBytes);
+  ASSERT_LE(rec.size(), kDefaultRemoteInlineBytes);
+  RecordBuffer got;
+  ASSERT_TRUE((*client)->Put(Ns(meta), 1, rec.bytes()).ok());
+  ASSERT_TRUE((*client)->Get(Ns(meta), 1, &got).ok());
+  ASSERT_EQ(got.size(), rec.size());
+  EXPECT_EQ(std::memcmp(got.data(), rec.data(), rec.size()), 0);
+  EXPECT_EQ((*client)->inline_transfers(), 2u);
+  EXPECT_EQ((*client)->mapped_transfers(), 0u);
+}
+
+TEST_F(StoreServerTest, InlineLimitIsInclusiveAndZeroTurnsItOff) {
+  const RecordMeta meta = Meta();
+  const RecordBuffer rec = MakeRecord(meta, 8, 4);
+  uint64_t id = 0;
+  for (uint64_t limit : {uint64_t{rec.size()}, uint64_t{rec.size() - 1}, uint64_t{0}}) {
+    SCOPED_TRACE(limit);
+    StoreClientOptions o = ClientOptions();
+    o.ucx_tls = "tcp,sysv";
+    o.inline_bytes = limit;
+    auto client = StoreClient::Connect(server_.control(), o);
+    ASSERT_TRUE(client.ok()) << client.status().ToString();
+    RecordBuffer got;
+    ASSERT_TRUE((*client)->Put(Ns(meta), ++id, rec.bytes()).ok());
+    ASSERT_TRUE((*client)->Get(Ns(meta), id, &got).ok());
+    ASSERT_EQ(got.size(), rec.size());
+    EXPECT_EQ(std::memcmp(got.data(), rec.data(), rec.size()), 0);
+    const bool inline_path = limit >= rec.size();
+    EXPECT_EQ((*client)->inline_transfers(), inline_path ? 2u : 0u);
+    EXPECT_EQ((*client)->mapped_transfers(), inline_path ? 0u : 2u);
+  }
+}
+
+// A record near the protocol's cap crosses the socket in many pieces both
+// ways (the server's partial reads and sends), twice in a row on one
+// connection.
+TEST_F(StoreServerTest, MultiMegabyteInlineRecordsArriveWhole) {
+  StoreClientOptions o = ClientOptions();
+  o.inline_bytes = wire::kMaxInlineBytes;
+  auto client = StoreClient::Connect(server_.control(), o);
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  const RecordMeta meta = Meta();
+  for (int32_t seed : {11, 12}) {
+    const RecordBuffer rec = MakeRecord(meta, 1900, seed);
+    ASSERT_GT(rec.size(), 3u << 20);
+    ASSERT_LE(rec.size(), wire::kMaxInlineBytes);
+    RecordBuffer got;
+    ASSERT_TRUE((*client)->Put(Ns(meta), static_cast<uint64_t>(seed), rec.bytes()).ok());
+    ASSERT_TRUE((*client)->Get(Ns(meta), static_cast<uint64_t>(seed), &got).ok());
+    ASSERT_EQ(got.size(), rec.size());
+    EXPECT_EQ(std::memcmp(got.data(), rec.data(), rec.size()), 0);
+  }
+  EXPECT_EQ((*client)->inline_transfers(), 4u);
+}
+
+TEST(StoreClientStart, InlineLimitBeyondAFrameIsRefused) {
+  StoreClientOptions o = ClientOptions();
+  o.inline_bytes = wire::kMaxInlineBytes + 1;
+  // Refused before any connection is tried (nothing listens there).
+  auto client = StoreClient::Connect("127.0.0.1:1", o);
+  ASSERT_FALSE(client.ok());
+  EXPECT_EQ(client.status().code(), StatusCode::kInvalidArgument) << client.status().ToString();
+}
+
+// Both put paths check the record the same way before anything is listed.
+TEST_F(StoreServerTest, InlineAndOneSidedPutsAreVerifiedAlike) {
+  const RecordMeta meta = Meta();
+  uint64_t id = 100;
+  for (uint64_t limit : {uint64_t{wire::kMaxInlineBytes}, uint64_t{0}}) {
+    SCOPED_TRACE(limit);
+    StoreClientOptions o = ClientOptions();
+    o.inline_bytes = limit;
+    auto client = StoreClient::Connect(server_.control(), o);
+    ASSERT_TRUE(client.ok()) << client.status().ToString();
+    RecordBuffer got;
+    RecordBuffer corrupt = MakeRecord(meta, 8, 5);
+    corrupt.data()[40] ^= 0x40;  // inside the header
+    EXPECT_EQ((*client)->Put(Ns(meta), ++id, corrupt.bytes()).code(), StatusCode::kDataLoss);
+    EXPECT_EQ((*client)->Get(Ns(meta), id, &got).code(), StatusCode::kNotFound);
+    const RecordBuffer other_tenant = MakeRecord(Meta("team-b"), 8, 6);
+    EXPECT_EQ((*client)->Put(Ns(meta), ++id, other_tenant.bytes()).code(),
+              StatusCode::kInvalidArgument);
+    EXPECT_EQ((*client)->Get(Ns(meta), id, &got).code(), StatusCode::kNotFound);
+    const RecordBuffer rec = MakeRecord(meta, 8, 7);
+    ASSERT_TRUE((*client)->Put(Ns(meta), ++id, rec.bytes()).ok());
+    EXPECT_EQ((*client)->Put(Ns(meta), id, rec.bytes()).code(), StatusCode::kAlreadyExists);
+    // Only the one successful put counts.
+    EXPECT_EQ((*client)->inline_transfers(), limit > 0 ? 1u : 0u);
+  }
+}
+
+// A get sends its release without waiting for the answer; the answers are
+// read with the next call's, which must still get its own reply.
+TEST_F(StoreServerTest, ReleasesAreNotWaitedForYetLeaveNoLease) {
+  StoreClientOptions o = ClientOptions();
+  o.inline_bytes = 0;
+  auto client = StoreClient::Connect(server_.control(), o);
+  ASSERT_TRUE(client.ok());
+  const RecordMeta meta = Meta();
+  const RecordBuffer rec = MakeRecord(meta, 32, 8);
+  ASSERT_TRUE((*client)->Put(Ns(meta), 1, rec.bytes()).ok());
+  RecordBuffer got;
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE((*client)->Get(Ns(meta), 1, &got).ok()) << i;
+  auto stats = (*client)->Stats();
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  EXPECT_NE(stats->find("leases 0"), std::string::npos) << *stats;
+  EXPECT_NE(stats->find("records 1"), std::string::npos) << *stats;
+  ASSERT_TRUE((*client)->Get(Ns(meta), 1, &got).ok());
+  EXPECT_TRUE((*client)->Delete(Ns(meta), 1).ok());
+  EXPECT_EQ((*client)->Get(Ns(meta), 1, &got).code(), StatusCode::kNotFound);
+  EXPECT_TRUE((*client)->healthy());
+}
+
+// Version 2 added kPut and kRead; version-1 clients are still served.
+TEST_F(StoreServerTest, ProtocolVersionsOneAndTwoAreServedOthersRefused) {
+  const RecordMeta meta = Meta();
+  auto client = Client();
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->Put(Ns(meta), 4, MakeRecord(meta, 8, 9).bytes()).ok());
+  for (uint32_t version : {0u, 1u, 2u, 3u}) {
+    SCOPED_TRACE(version);
+    auto fd = wire::ConnectTcp(server_.control(), 2000ms);
+    ASSERT_TRUE(fd.ok());
+    wire::Writer hello;
+    hello.U8(static_cast<uint8_t>(wire::Op::kHello)).U32(version).Str(kToken).Str("raw");
+    ASSERT_TRUE(wire::SendFrame(*fd, hello.Frame(), 2000ms).ok());
+    auto reply = wire::ParseReply(*wire::RecvFrame(*fd, 2000ms), "hello");
+    if (version == 1 || version == 2) {
+      ASSERT_TRUE(reply.ok()) << reply.status().ToString();
+      wire::Writer lease;
+      lease.U8(static_cast<uint8_t>(wire::Op::kLease)).Str(Ns(meta)).U64(4);
+      ASSERT_TRUE(wire::SendFrame(*fd, lease.Frame(), 2000ms).ok());
+      EXPECT_TRUE(wire::ParseReply(*wire::RecvFrame(*fd, 2000ms), "lease").ok());
+    } else {
+      EXPECT_EQ(reply.status().code(), StatusCode::kFailedPrecondition)
+          << reply.status().ToString();
+    }
+    ::close(*fd);
+  }
+}
+
 // Shared segments (the default) are sysv memory a client on this host maps:
 // with sysv among its wires, even with UCX's peer failure detection (which
 // leaves tcp as the only UCX lane), put and get copy through the mapping.
@@ -190,6 +387,7 @@ TEST(StoreServerSegments, SharedSegmentsAreCopiedThroughAMappingPrivateOnesAreNo
     ASSERT_TRUE(server.Start(c.flags));
     StoreClientOptions o = ClientOptions();
     o.ucx_tls = "tcp,sysv";
+    o.inline_bytes = 0;  // always one-sided
     auto client = StoreClient::Connect(server.control(), o);
     ASSERT_TRUE(client.ok()) << client.status().ToString();
     const RecordMeta meta = Meta();
@@ -233,6 +431,23 @@ TEST_F(StoreServerTest, RequestsBeforeHelloAreRefused) {
   auto body = wire::RecvFrame(*fd, 2000ms);
   ASSERT_TRUE(body.ok());
   EXPECT_EQ(wire::ParseReply(*body, "lease").status().code(), StatusCode::kPermissionDenied);
+  ::close(*fd);
+}
+
+// A frame announced beyond the limit is refused before it is buffered.
+TEST_F(StoreServerTest, OversizedFrameIsRefusedAndTheConnectionClosed) {
+  auto fd = wire::ConnectTcp(server_.control(), 2000ms);
+  ASSERT_TRUE(fd.ok());
+  const uint32_t len = wire::kMaxFrameBytes + 1;
+  ASSERT_TRUE(
+      wire::SendFrame(*fd, std::string_view(reinterpret_cast<const char*>(&len), 4), 2000ms).ok());
+  auto body = wire::RecvFrame(*fd, 2000ms);
+  ASSERT_TRUE(body.ok()) << body.status().ToString();
+  EXPECT_EQ(wire::ParseReply(*body, "oversized").status().code(), StatusCode::kInvalidArgument);
+  char c;
+  pollfd p{*fd, POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 2000), 1);
+  EXPECT_EQ(::recv(*fd, &c, 1, 0), 0);  // closed by the server
   ::close(*fd);
 }
 
