@@ -38,7 +38,6 @@ struct StoreClient::Impl {
   // Requests sent whose replies were not read yet (releases): their replies
   // come first on the socket, in order, and are read with the next call's.
   int unanswered = 0;
-  uint64_t inline_limit = 0;
   uint64_t inline_ops = 0;
   std::mutex mu;
 
@@ -133,8 +132,6 @@ uint64_t StoreClient::inline_transfers() const {
   return impl_->inline_ops;
 }
 
-uint64_t StoreClient::inline_bytes() const { return impl_->inline_limit; }
-
 uint64_t StoreClient::mapped_transfers() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   return impl_->transport->mapped_operations();
@@ -142,8 +139,8 @@ uint64_t StoreClient::mapped_transfers() const {
 
 Result<std::unique_ptr<StoreClient>> StoreClient::Connect(std::string_view control_address,
                                                           const StoreClientOptions& options) {
-  if (options.inline_bytes.value_or(0) > wire::kMaxInlineBytes) {
-    return InvalidArgument("store client: inline_bytes " + std::to_string(*options.inline_bytes) +
+  if (options.inline_bytes > wire::kMaxInlineBytes) {
+    return InvalidArgument("store client: inline_bytes " + std::to_string(options.inline_bytes) +
                            " exceeds " + std::to_string(wire::kMaxInlineBytes));
   }
   auto impl = std::make_unique<Impl>();
@@ -180,15 +177,6 @@ Result<std::unique_ptr<StoreClient>> StoreClient::Connect(std::string_view contr
   ucx.map_peer_memory = true;
   RELAYKV_ASSIGN_OR_RETURN(impl->transport, UcxTransport::Create(ucx));
   RELAYKV_ASSIGN_OR_RETURN(impl->endpoint, impl->transport->Connect(address));
-  if (options.inline_bytes.has_value()) {
-    impl->inline_limit = *options.inline_bytes;
-  } else {
-    const bool mapped =
-        !impl->segments.empty() &&
-        std::all_of(impl->segments.begin(), impl->segments.end(),
-                    [&](const RemoteDescriptor& d) { return impl->endpoint->Mapped(d); });
-    impl->inline_limit = mapped ? kDefaultMappedInlineBytes : kDefaultRemoteInlineBytes;
-  }
   return std::unique_ptr<StoreClient>(new StoreClient(std::move(impl)));
 }
 
@@ -197,7 +185,7 @@ Status StoreClient::Put(std::string_view ns, uint64_t id, std::span<const std::b
   std::lock_guard<std::mutex> lock(m.mu);
   if (record.empty()) return InvalidArgument("put: empty record");
   RELAYKV_RETURN_IF_ERROR(m.CheckUsable());
-  if (record.size() <= m.inline_limit) {
+  if (record.size() <= m.options.inline_bytes) {
     wire::Writer put;
     put.U8(static_cast<uint8_t>(wire::Op::kPut))
         .Str(ns)
@@ -242,7 +230,7 @@ Status StoreClient::Get(std::string_view ns, uint64_t id, RecordBuffer* out) {
   std::lock_guard<std::mutex> lock(m.mu);
   RELAYKV_RETURN_IF_ERROR(m.CheckUsable());
   wire::Writer req;
-  req.U8(static_cast<uint8_t>(wire::Op::kRead)).Str(ns).U64(id).U64(m.inline_limit);
+  req.U8(static_cast<uint8_t>(wire::Op::kRead)).Str(ns).U64(id).U64(m.options.inline_bytes);
   RELAYKV_ASSIGN_OR_RETURN(std::string reply, m.Call(std::move(req), "read"));
   wire::Reader r(wire::ReplyFields(reply));
   if (r.U8() == wire::kReadInline) {

@@ -16,7 +16,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -50,14 +49,6 @@ class RecordBuffer {
   size_t capacity_ = 0;
 };
 
-// Default inline limits (StoreClientOptions::inline_bytes). Measured on
-// loopback (tests/bench/server): inline, a 9 KB put or get costs one round
-// trip instead of two or three (2-3x faster); at 1 MB over UCX tcp it is
-// level with the one-sided path, which wins when the bytes are a memcpy
-// through a mapping (same host).
-inline constexpr uint64_t kDefaultMappedInlineBytes = 64 * 1024;
-inline constexpr uint64_t kDefaultRemoteInlineBytes = 2 * 1024 * 1024;
-
 struct StoreClientOptions {
   std::string token;
   std::string client_name = "relaykv";
@@ -72,12 +63,15 @@ struct StoreClientOptions {
   // Record TTL asked of the server on put (0: the server's default).
   std::chrono::milliseconds record_ttl{0};
   // Records up to this size travel inside the control messages: one round
-  // trip per put or get instead of two plus the one-sided transfer (and a
-  // flush round trip over UCX tcp). 0: never inline; at most
-  // wire::kMaxInlineBytes (4 MiB). Unset, it is chosen per server:
-  // kDefaultMappedInlineBytes when its segments are mapped here,
-  // kDefaultRemoteInlineBytes otherwise.
-  std::optional<uint64_t> inline_bytes;
+  // trip per put or get instead of two or three (reserve, seal and, over UCX
+  // tcp, a flush; a UCX tcp get is a round trip of its own). Measured on
+  // loopback (tests/bench/server): a 9 KB put is 1.8-2.3x faster inline on
+  // every path, a get 1.1-1.7x; at 1 MB inline is about level with
+  // one-sided over UCX tcp and 1.6-3.3x slower where one-sided is a local
+  // copy (cma or a mapping), so the default stays small. 0: never inline;
+  // at most wire::kMaxInlineBytes (4 MiB), for deployments whose control
+  // round trips cost more than that many bytes of socket copy.
+  uint64_t inline_bytes = 64 * 1024;
 };
 
 class StoreClient {
@@ -95,11 +89,8 @@ class StoreClient {
   // Reads and writes copied through a mapping of the server's shared
   // segments (same host, sysv among the UCX wires) rather than moved by UCX.
   uint64_t mapped_transfers() const;
-  // Puts and gets whose record travelled inside the control messages, and
-  // the largest record that does (options.inline_bytes, or the choice made
-  // for this server).
+  // Puts and gets whose record travelled inside the control messages.
   uint64_t inline_transfers() const;
-  uint64_t inline_bytes() const;
 
   // Stores `record` (a complete record) under (ns, id): reserve, one-sided
   // write, flush, seal (or one message when small). AlreadyExists when the server already holds it.

@@ -111,15 +111,6 @@ class Endpoint {
   virtual Result<std::unique_ptr<TransferRequest>> Notify(std::string_view message) = 0;
   // False once the peer is known to be gone; every later call fails.
   virtual bool healthy() const = 0;
-  // True when Read/Write against `remote` are plain copies through a mapping
-  // of the peer's memory in this process (same host, shared memory), so
-  // moving bytes costs no more than memcpy; callers may then prefer
-  // one-sided transfers to sending bytes along with messages. False when
-  // they are not, or when the transport cannot tell.
-  virtual bool Mapped(const RemoteDescriptor& remote) {
-    (void)remote;
-    return false;
-  }
 };
 
 inline constexpr size_t kMaxNotificationBytes = 4096;

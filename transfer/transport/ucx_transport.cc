@@ -402,13 +402,6 @@ class UcxEndpoint final : public Endpoint {
     return Make(ucp_ep_flush_nbx(h_->ep, &p), "ucx notify", std::move(send), payload);
   }
   bool healthy() const override { return h_->error == UCS_OK; }
-  bool Mapped(const RemoteDescriptor& remote) override {
-    if (!h_->core->map_peer_memory || remote.kind != MemoryKind::kHost || !h_->Check().ok()) {
-      return false;
-    }
-    auto key = h_->Rkey(remote.access_key);
-    return key.ok() && EpHandle::MappedBase(**key, remote) != nullptr;
-  }
 
  private:
   Result<std::unique_ptr<TransferRequest>> Make(ucs_status_ptr_t r, std::string what,

@@ -177,10 +177,8 @@ TEST_F(StoreServerTest, SmallRecordsTravelInlineLargeOnesOneSided) {
   const RecordMeta meta = Meta();
   const RecordBuffer small = MakeRecord(meta, 16, 1);
   const RecordBuffer large = MakeRecord(meta, 64, 2);
-  // The segments are mapped here, so only small records go inline.
-  ASSERT_EQ((*client)->inline_bytes(), kDefaultMappedInlineBytes);
-  ASSERT_LE(small.size(), kDefaultMappedInlineBytes);
-  ASSERT_GT(large.size(), kDefaultMappedInlineBytes);
+  ASSERT_LE(small.size(), o.inline_bytes);
+  ASSERT_GT(large.size(), o.inline_bytes);
   RecordBuffer got;
   ASSERT_TRUE((*client)->Put(Ns(meta), 1, small.bytes()).ok());
   ASSERT_TRUE((*client)->Get(Ns(meta), 1, &got).ok());
@@ -210,28 +208,6 @@ TEST_F(StoreServerTest, SmallRecordsTravelInlineLargeOnesOneSided) {
   EXPECT_EQ(std::memcmp(got.data(), large.data(), large.size()), 0);
   EXPECT_EQ((*one_sided)->inline_transfers(), 0u);
   EXPECT_EQ((*all_inline)->inline_transfers(), 1u);
-}
-
-// Where one-sided bytes are not a local copy, larger records go inline too.
-TEST(StoreServerSegments, UnmappedSegmentsCarryLargerRecordsInline) {
-  StoreProcess server;
-  ASSERT_TRUE(server.Start({"--no-shared-segments"}));
-  StoreClientOptions o = ClientOptions();
-  o.ucx_tls = "tcp,sysv";
-  auto client = StoreClient::Connect(server.control(), o);
-  ASSERT_TRUE(client.ok()) << client.status().ToString();
-  EXPECT_EQ((*client)->inline_bytes(), kDefaultRemoteInlineBytes);
-  const RecordMeta meta = Meta();
-  const RecordBuffer rec = MakeRecord(meta, 300, 3);
-  ASSERT_GT(rec.size(), kDefaultMappedInlineBytes);
-  ASSERT_LE(rec.size(), kDefaultRemoteInlineBytes);
-  RecordBuffer got;
-  ASSERT_TRUE((*client)->Put(Ns(meta), 1, rec.bytes()).ok());
-  ASSERT_TRUE((*client)->Get(Ns(meta), 1, &got).ok());
-  ASSERT_EQ(got.size(), rec.size());
-  EXPECT_EQ(std::memcmp(got.data(), rec.data(), rec.size()), 0);
-  EXPECT_EQ((*client)->inline_transfers(), 2u);
-  EXPECT_EQ((*client)->mapped_transfers(), 0u);
 }
 
 TEST_F(StoreServerTest, InlineLimitIsInclusiveAndZeroTurnsItOff) {
