@@ -1,10 +1,16 @@
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
+#include <thread>
 
 #include "transfer/common/dtype.h"
+#include "transfer/common/net.h"
 #include "transfer/common/status.h"
 #include "transfer/record/kv_layout.h"
 #include "transfer/record/rope_params.h"
@@ -188,6 +194,66 @@ TEST(RopeParamsTest, YarnFieldsAreValidatedAndFingerprintedOnlyForYarn) {
   EXPECT_EQ(plain.Fingerprint(), plain_other.Fingerprint());
   EXPECT_EQ(plain.InverseFrequencies(64), plain_other.InverseFrequencies(64));
   EXPECT_EQ(plain_other.CosSinScale(), 1.f);
+}
+
+}  // namespace
+}  // namespace relaykv
+
+// ---- net::RecvExact spin ------------------------------------------------------
+
+namespace relaykv {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct SocketPair {
+  SocketPair() { EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0); }
+  ~SocketPair() {
+    ::close(fds[0]);
+    ::close(fds[1]);
+  }
+  int fds[2] = {-1, -1};
+};
+
+// Bytes that arrive while the receiver spins, and bytes that arrive after
+// the spin ran out (the receiver then sleeps in poll), are both received.
+TEST(NetTest, RecvExactWithSpinReceivesEarlyAndLateBytes) {
+  for (auto delay : {0ms, 20ms}) {
+    SCOPED_TRACE(delay.count());
+    SocketPair p;
+    std::thread sender([&] {
+      std::this_thread::sleep_for(delay);
+      ASSERT_EQ(::send(p.fds[1], "abc", 3, 0), 3);
+      std::this_thread::sleep_for(delay);
+      ASSERT_EQ(::send(p.fds[1], "def", 3, 0), 3);
+    });
+    char got[6] = {};
+    Status s = net::RecvExact(p.fds[0], got, sizeof(got), std::chrono::steady_clock::now() + 5s,
+                              std::chrono::microseconds(100));
+    sender.join();
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    EXPECT_EQ(std::string(got, sizeof(got)), "abcdef");
+  }
+}
+
+// A spin longer than the deadline still ends at the deadline.
+TEST(NetTest, RecvExactSpinDoesNotOutlastTheDeadline) {
+  SocketPair p;
+  char c;
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = net::RecvExact(p.fds[0], &c, 1, t0 + 50ms, std::chrono::microseconds(10'000'000));
+  EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s.ToString();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s);
+}
+
+// A peer that closes while the receiver spins is Unavailable, not a hang.
+TEST(NetTest, RecvExactSpinSeesAClosedPeer) {
+  auto p = std::make_unique<SocketPair>();
+  ::shutdown(p->fds[1], SHUT_WR);
+  char c;
+  Status s = net::RecvExact(p->fds[0], &c, 1, std::chrono::steady_clock::now() + 5s,
+                            std::chrono::microseconds(100));
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
 }
 
 }  // namespace

@@ -10,9 +10,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <optional>
 
 namespace relaykv::net {
 
@@ -66,7 +68,9 @@ Status SendAll(int fd, std::string_view data, Clock::time_point deadline) {
   return Status::Ok();
 }
 
-Status RecvExact(int fd, char* out, size_t n, Clock::time_point deadline) {
+Status RecvExact(int fd, char* out, size_t n, Clock::time_point deadline,
+                 std::chrono::microseconds spin) {
+  std::optional<Clock::time_point> spin_until;
   while (n > 0) {
     const ssize_t r = ::recv(fd, out, n, MSG_DONTWAIT);
     if (r > 0) {
@@ -77,6 +81,16 @@ Status RecvExact(int fd, char* out, size_t n, Clock::time_point deadline) {
     if (r == 0) return Unavailable("connection closed by peer");
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      if (spin.count() > 0) {
+        const auto now = Clock::now();
+        if (!spin_until) spin_until = std::min(now + spin, deadline);
+        if (now < *spin_until) {
+#if defined(__x86_64__) || defined(__i386__)
+          __builtin_ia32_pause();
+#endif
+          continue;
+        }
+      }
       RELAYKV_RETURN_IF_ERROR(WaitFd(fd, POLLIN, deadline, "recv"));
       continue;
     }

@@ -138,10 +138,12 @@ Status SendFrame(int fd, std::string_view frame, std::chrono::milliseconds timeo
   return net::SendAll(fd, frame, Clock::now() + timeout);
 }
 
-Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout) {
+Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout,
+                              std::chrono::microseconds spin) {
   const auto deadline = Clock::now() + timeout;
   uint32_t n = 0;
-  RELAYKV_RETURN_IF_ERROR(net::RecvExact(fd, reinterpret_cast<char*>(&n), sizeof(n), deadline));
+  RELAYKV_RETURN_IF_ERROR(
+      net::RecvExact(fd, reinterpret_cast<char*>(&n), sizeof(n), deadline, spin));
   if (n > kMaxFrameBytes) {
     return InvalidArgument("frame of " + std::to_string(n) + " bytes exceeds the limit");
   }

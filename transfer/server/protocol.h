@@ -120,7 +120,9 @@ inline std::string_view ReplyFields(std::string_view ok_body) { return ok_body.s
 // Blocking client-side framing on a connected socket; every call bounded by
 // `timeout`. A closed or reset peer is Unavailable, a timeout DeadlineExceeded.
 Status SendFrame(int fd, std::string_view frame, std::chrono::milliseconds timeout);
-Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout);
+// `spin`: see net::RecvExact.
+Result<std::string> RecvFrame(int fd, std::chrono::milliseconds timeout,
+                              std::chrono::microseconds spin = std::chrono::microseconds(0));
 
 // TCP helpers live in transfer/common/net.h; the wire names stay for callers.
 using net::ConnectTcp;

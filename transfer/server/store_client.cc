@@ -81,13 +81,13 @@ struct StoreClient::Impl {
     // fail in a way its sender could act on (the server drops every lease
     // of a connection when it closes).
     for (; unanswered > 0; --unanswered) {
-      auto earlier = wire::RecvFrame(fd, options.timeout);
+      auto earlier = wire::RecvFrame(fd, options.timeout, options.reply_spin);
       if (!earlier.ok()) {
         MarkBroken();
         return earlier.status().WithContext(std::string(what) + " to " + address);
       }
     }
-    auto body = wire::RecvFrame(fd, options.timeout);
+    auto body = wire::RecvFrame(fd, options.timeout, options.reply_spin);
     if (!body.ok()) {
       MarkBroken();
       return body.status().WithContext(std::string(what) + " to " + address);

@@ -72,6 +72,10 @@ struct StoreClientOptions {
   // at most wire::kMaxInlineBytes (4 MiB), for deployments whose control
   // round trips cost more than that many bytes of socket copy.
   uint64_t inline_bytes = 64 * 1024;
+  // How long a call polls the control socket for its reply before it sleeps
+  // (net::RecvExact): most replies come within it, and a sleeping thread's
+  // wakeup can cost more than the round trip itself. 0: sleep at once.
+  std::chrono::microseconds reply_spin{100};
 };
 
 class StoreClient {

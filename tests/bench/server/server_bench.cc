@@ -9,7 +9,8 @@
 //   record also inline (one put or read message carrying the bytes; rows
 //   with "inline": true);
 // and the fixed cost of a small (~9 KB) record: put and get median µs, with
-// the record inside the control messages (the default) and one-sided.
+// the record inside the control messages (the default), one-sided, and
+// inline without spinning for replies ("spin": false).
 // One JSON object per line on stdout.
 #include <cstdio>
 #include <regex>
@@ -96,12 +97,15 @@ void BenchStore(const char* path, const std::string& tls, bool peer_errors,
   // never and always (up to the protocol's cap) send records inline: what
   // the default's choice is measured against, in the same run.
   auto client = StoreClient::Connect(server.control, o);
-  StoreClientOptions one_sided_options = o, inline_options = o;
+  // A fourth sleeps for every reply at once (no reply_spin).
+  StoreClientOptions one_sided_options = o, inline_options = o, sleeping_options = o;
   one_sided_options.inline_bytes = 0;
   inline_options.inline_bytes = wire::kMaxInlineBytes;
+  sleeping_options.reply_spin = std::chrono::microseconds(0);
   auto one_sided = StoreClient::Connect(server.control, one_sided_options);
   auto all_inline = StoreClient::Connect(server.control, inline_options);
-  for (auto* c : {&client, &one_sided, &all_inline}) {
+  auto sleeping = StoreClient::Connect(server.control, sleeping_options);
+  for (auto* c : {&client, &one_sided, &all_inline, &sleeping}) {
     if (!c->ok()) {
       JsonLine("server").Str("path", path).Str("error", c->status().ToString()).Print();
       return;
@@ -164,7 +168,7 @@ void BenchStore(const char* path, const std::string& tls, bool peer_errors,
   const RecordMeta small = SmallMeta();
   const std::string small_ns = RecordNamespaceKey(small);
   const RecordBuffer rec = MakeRecord(small, 8, 2);
-  Way ways[] = {{client->get(), {}, {}}, {one_sided->get(), {}, {}}};
+  Way ways[] = {{client->get(), {}, {}}, {one_sided->get(), {}, {}}, {sleeping->get(), {}, {}}};
   RecordBuffer out;
   for (int i = 0; i < 220; ++i) {
     for (Way& w : ways) {  // interleaved, so both see the same machine
@@ -187,7 +191,8 @@ void BenchStore(const char* path, const std::string& tls, bool peer_errors,
       JsonLine("server")
           .Str("path", path)
           .Str("op", op)
-          .Bool("inline", w.client == client->get())
+          .Bool("inline", w.client != one_sided->get())
+          .Bool("spin", w.client != sleeping->get())
           .Int("bytes", static_cast<int64_t>(rec.size()))
           .Int("reps", static_cast<int64_t>(v->size()))
           .Num("p50_us", Median(*v) * 1e6)
