@@ -63,6 +63,9 @@ struct PendingWrite {
   uint64_t id = 0;
 };
 
+// Largest frame accepted before a connection presented the token.
+constexpr uint32_t kMaxHelloFrameBytes = 64 * 1024;
+
 // Received bytes not yet taken as frames. A receive goes straight into it,
 // sized for the frame being read, without zero-filling or regrowing as it
 // fills: a multi-MB inline record is copied once out of the socket.
@@ -522,9 +525,11 @@ void StoreServer::Impl::Accept(int lfd, bool http) {
 void StoreServer::Impl::OnReadable(Conn& c) {
   for (;;) {
     // Room for the rest of the frame being read (its length is known once
-    // its first four bytes are in), and at least 64 KB.
+    // its first four bytes are in), and at least 64 KB. Only for a client
+    // that presented the token: anyone else gets room for what they sent,
+    // so announcing a large frame costs them as much memory as it costs us.
     size_t want = 64 * 1024;
-    if (!c.http && c.in.size() >= sizeof(uint32_t)) {
+    if (!c.http && c.authed && c.in.size() >= sizeof(uint32_t)) {
       uint32_t len;
       std::memcpy(&len, c.in.view().data(), sizeof(len));
       if (len <= wire::kMaxFrameBytes && sizeof(len) + len > c.in.size()) {
@@ -556,7 +561,8 @@ void StoreServer::Impl::ProcessInput(Conn& c) {
   while (!c.closing && !c.awaiting_publish && in.size() - at >= sizeof(uint32_t)) {
     uint32_t len;
     std::memcpy(&len, in.data() + at, sizeof(len));
-    if (len > wire::kMaxFrameBytes) {
+    // Before the token, only a hello is expected, and a hello is small.
+    if (len > (c.authed ? wire::kMaxFrameBytes : kMaxHelloFrameBytes)) {
       c.Reply(wire::ErrorReply(InvalidArgument("frame too large")));
       c.closing = true;
       break;

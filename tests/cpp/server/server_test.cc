@@ -410,21 +410,42 @@ TEST_F(StoreServerTest, RequestsBeforeHelloAreRefused) {
   ::close(*fd);
 }
 
-// A frame announced beyond the limit is refused before it is buffered.
-TEST_F(StoreServerTest, OversizedFrameIsRefusedAndTheConnectionClosed) {
-  auto fd = wire::ConnectTcp(server_.control(), 2000ms);
-  ASSERT_TRUE(fd.ok());
-  const uint32_t len = wire::kMaxFrameBytes + 1;
+// Sends a frame header announcing `len` bytes: the server must answer
+// InvalidArgument and close the connection.
+void ExpectRefusedAndClosed(int fd, uint32_t len) {
   ASSERT_TRUE(
-      wire::SendFrame(*fd, std::string_view(reinterpret_cast<const char*>(&len), 4), 2000ms).ok());
-  auto body = wire::RecvFrame(*fd, 2000ms);
+      wire::SendFrame(fd, std::string_view(reinterpret_cast<const char*>(&len), 4), 2000ms).ok());
+  auto body = wire::RecvFrame(fd, 2000ms);
   ASSERT_TRUE(body.ok()) << body.status().ToString();
   EXPECT_EQ(wire::ParseReply(*body, "oversized").status().code(), StatusCode::kInvalidArgument);
   char c;
-  pollfd p{*fd, POLLIN, 0};
+  pollfd p{fd, POLLIN, 0};
   ASSERT_EQ(::poll(&p, 1, 2000), 1);
-  EXPECT_EQ(::recv(*fd, &c, 1, 0), 0);  // closed by the server
-  ::close(*fd);
+  EXPECT_EQ(::recv(fd, &c, 1, 0), 0);  // closed by the server
+}
+
+// A frame announced beyond the limit is refused before it is buffered:
+// before the token anything larger than a hello, after it anything beyond
+// the protocol's frame size.
+TEST_F(StoreServerTest, OversizedFrameIsRefusedAndTheConnectionClosed) {
+  for (bool authed : {false, true}) {
+    SCOPED_TRACE(authed);
+    auto fd = wire::ConnectTcp(server_.control(), 2000ms);
+    ASSERT_TRUE(fd.ok());
+    uint32_t len = 1u << 20;  // fine for a record, not for a hello
+    if (authed) {
+      wire::Writer hello;
+      hello.U8(static_cast<uint8_t>(wire::Op::kHello))
+          .U32(wire::kProtocolVersion)
+          .Str(kToken)
+          .Str("raw");
+      ASSERT_TRUE(wire::SendFrame(*fd, hello.Frame(), 2000ms).ok());
+      ASSERT_TRUE(wire::ParseReply(*wire::RecvFrame(*fd, 2000ms), "hello").ok());
+      len = wire::kMaxFrameBytes + 1;
+    }
+    ExpectRefusedAndClosed(*fd, len);
+    ::close(*fd);
+  }
 }
 
 TEST_F(StoreServerTest, CorruptHeaderIsRejectedAtSealAndNeverServed) {
