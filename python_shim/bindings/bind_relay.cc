@@ -215,7 +215,7 @@ void BindRelay(nb::module_& m) {
           [](uint64_t model_fingerprint, const KvLayout& layout, const RopeParams& rope,
              const std::string& tenant, const std::string& directory, const std::string& token,
              const std::string& ucx_tls, int32_t min_span_tokens, int64_t timeout_ms,
-             int64_t record_ttl_ms, int64_t index_sync_ms) {
+             int64_t record_ttl_ms, int64_t index_sync_ms, int64_t inline_bytes) {
             InstanceIdentity id{model_fingerprint, layout, rope, tenant};
             DistributedStoreOptions o;
             o.directory = directory;
@@ -224,6 +224,7 @@ void BindRelay(nb::module_& m) {
             o.client.ucx_tls = ucx_tls;
             o.client.timeout = std::chrono::milliseconds(timeout_ms);
             o.client.record_ttl = std::chrono::milliseconds(record_ttl_ms);
+            if (inline_bytes >= 0) o.client.inline_bytes = static_cast<uint64_t>(inline_bytes);
             SpanIndexOptions io;
             io.min_span_tokens = min_span_tokens;
             nb::gil_scoped_release release;
@@ -234,9 +235,11 @@ void BindRelay(nb::module_& m) {
           nb::arg("directory"), nb::arg("token") = "", nb::arg("ucx_tls") = "",
           nb::arg("min_span_tokens") = 16, nb::arg("timeout_ms") = 5000,
           nb::arg("record_ttl_ms") = 0, nb::arg("index_sync_ms") = 50,
+          nb::arg("inline_bytes") = -1,
           "A relay whose records live on store servers found through `directory` "
           "(redis://host:port/db): exports go to a server, imports read from whichever holds "
-          "the record, lookups see every instance's exports.")
+          "the record, lookups see every instance's exports. Records up to `inline_bytes` "
+          "travel inside the store's control messages (negative: the client's default, 64 KiB).")
 #endif
       .def_prop_ro("is_distributed", &KvRelay::distributed)
       .def(

@@ -62,7 +62,7 @@ IMPORT_FAILURE_REASONS = {"not_found", "corrupt", "mismatch", "token_mismatch", 
 KV_TRANSFER_KEYS = {"kv_connector", "kv_connector_module_path", "kv_role",
                     "kv_connector_extra_config", "kv_load_failure_policy"}
 CONNECTOR_EXTRA_KEYS = {"directory", "tenant", "token_file", "strategy", "profile_path", "ucx_tls",
-                        "store", "store_capacity_bytes", "min_span_tokens"}
+                        "store", "store_capacity_bytes", "min_span_tokens", "store_inline_bytes"}
 CONNECTOR_STRATEGIES = {"naive", "relay"}
 
 # Store server flags the manifests may pass (relaykv-store --help).

@@ -19,12 +19,12 @@ L, H, D, BS, NB = 4, 2, 16, 8, 16
 FINGERPRINT = 0xFEED
 
 
-def _relay(cluster_or_dir, token: str, tenant: str = "t") -> core.KvRelay:
+def _relay(cluster_or_dir, token: str, tenant: str = "t", inline_bytes: int = -1) -> core.KvRelay:
     layout = core.KvLayout(L, H, D, "float32")
     directory = cluster_or_dir.directory if isinstance(cluster_or_dir, Cluster) else cluster_or_dir
     return core.KvRelay.distributed(FINGERPRINT, layout, relaykv.RopeParams(theta=10000.0), tenant,
                                     directory=directory, token=token, ucx_tls="tcp",
-                                    timeout_ms=3000, index_sync_ms=0)
+                                    timeout_ms=3000, index_sync_ms=0, inline_bytes=inline_bytes)
 
 
 def _cache(seed: int):
@@ -33,10 +33,10 @@ def _cache(seed: int):
     return layers, core.PagedCache([x[0] for x in layers], [x[1] for x in layers])
 
 
-def _exporter(directory: str, token: str, tokens: list[int], conn) -> None:
+def _exporter(directory: str, token: str, tokens: list[int], conn, inline_bytes: int) -> None:
     # Another instance process: exports its decoding cache for `tokens` at positions 0...
     layers, cache = _cache(seed=1)
-    relay = _relay(directory, token)
+    relay = _relay(directory, token, inline_bytes=inline_bytes)
     res = relay.export(cache, list(range(NB)), tokens, 0)
     conn.send(res)
 
@@ -50,10 +50,10 @@ def cluster():
         pytest.skip(str(e))
 
 
-def _export_in_child(cluster: Cluster, tokens: list[int]) -> dict:
+def _export_in_child(cluster: Cluster, tokens: list[int], inline_bytes: int = -1) -> dict:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    p = ctx.Process(target=_exporter, args=(cluster.directory, cluster.token, tokens, child))
+    p = ctx.Process(target=_exporter, args=(cluster.directory, cluster.token, tokens, child, inline_bytes))
     p.start()
     assert parent.poll(120), "exporter process did not answer"
     res = parent.recv()
@@ -62,12 +62,17 @@ def _export_in_child(cluster: Cluster, tokens: list[int]) -> dict:
     return res
 
 
-def test_import_what_another_process_exported(cluster):
-    tokens = list(range(500, 540))
-    exported = _export_in_child(cluster, tokens)
+# The ~41 KB record rides inside the store's control messages by default
+# (inline_bytes -1: 64 KiB); 0 sends it one-sided. Each way exports in one
+# process and imports in another, and each pairing must give the same bytes.
+@pytest.mark.parametrize(("export_inline", "import_inline"), [(-1, -1), (0, 0), (-1, 0), (0, -1)])
+def test_import_what_another_process_exported(cluster, export_inline, import_inline):
+    base = 500 + 1000 * (2 * (export_inline == 0) + (import_inline == 0))
+    tokens = list(range(base, base + 40))
+    exported = _export_in_child(cluster, tokens, export_inline)
     assert exported["bytes"] > 0 and not exported["deduplicated"]
 
-    relay = _relay(cluster, cluster.token)
+    relay = _relay(cluster, cluster.token, inline_bytes=import_inline)
     prompt = list(range(10, 30)) + tokens + [7, 8, 9]  # behind another prefix
     spans = relay.lookup(prompt)
     assert [(s.dst_offset, s.length) for s in spans] == [(20, 40)]
@@ -91,6 +96,13 @@ def test_import_what_another_process_exported(cluster):
         assert not torch.allclose(k_src, k_dst)
     m = relay.metrics()
     assert m["imports"] == 1 and m["index_syncs"] >= 1
+
+
+def test_inline_limit_beyond_the_protocol_cap_fails_the_export(cluster):
+    layers, cache = _cache(seed=6)
+    relay = _relay(cluster, cluster.token, inline_bytes=(4 << 20) + 1)
+    with pytest.raises(core.InvalidArgumentError, match="inline_bytes"):
+        relay.export(cache, list(range(NB)), list(range(3000, 3040)), 0)
 
 
 def test_other_tenants_never_see_the_record(cluster):

@@ -510,6 +510,10 @@ def test_unsupported_layouts_are_refused_naming_what_was_seen(base_config: VllmC
         ({"store": "nohost"}, "store", "'host:port'"),
         ({"token_file": "/nonexistent/token"}, "token_file", "existing file"),
         ({"ucx_tls": "tcp; rm -rf"}, "ucx_tls", "UCX_TLS"),
+        ({"store_inline_bytes": -1}, "store_inline_bytes", "from 0 to 4194304"),
+        ({"store_inline_bytes": (4 << 20) + 1}, "store_inline_bytes", "from 0 to 4194304"),
+        ({"store_inline_bytes": True}, "store_inline_bytes", "an integer"),
+        ({"store_inline_bytes": "64k"}, "store_inline_bytes", "an integer"),
         ({"store": "localhost:7000"}, "store", "found through the directory"),
     ],
 )

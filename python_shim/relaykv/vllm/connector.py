@@ -102,6 +102,11 @@ class RelayKVConfig:
     store: str | None = None
     token_file: str | None = None
     ucx_tls: str | None = None
+    store_inline_bytes: int | None = None
+
+
+# The store protocol's cap on a record carried inside a control message (wire::kMaxInlineBytes).
+MAX_INLINE_BYTES = 4 << 20
 
 
 def _bad(key: str, expected: str, got: object) -> ValueError:
@@ -157,7 +162,12 @@ def parse_extra_config(extra: Mapping[str, Any] | None) -> RelayKVConfig:
     ucx_tls = extra.get("ucx_tls", cfg.ucx_tls)
     if ucx_tls is not None and (not isinstance(ucx_tls, str) or not _UCX_TLS.match(ucx_tls)):
         raise _bad("ucx_tls", "a UCX_TLS list such as 'tcp,sm' or '^ib'", ucx_tls)
-    return RelayKVConfig(tenant, cap, min_span, strategy, profile, directory, store, token_file, ucx_tls)
+    inline_bytes = extra.get("store_inline_bytes", cfg.store_inline_bytes)
+    if inline_bytes is not None and (isinstance(inline_bytes, bool) or not isinstance(inline_bytes, int)
+                                     or not 0 <= inline_bytes <= MAX_INLINE_BYTES):
+        raise _bad("store_inline_bytes", f"an integer from 0 to {MAX_INLINE_BYTES}", inline_bytes)
+    return RelayKVConfig(tenant, cap, min_span, strategy, profile, directory, store, token_file, ucx_tls,
+                         inline_bytes)
 
 
 @dataclasses.dataclass
@@ -212,7 +222,7 @@ def relay_from_vllm_config(vllm_config: VllmConfig, cfg: RelayKVConfig) -> core.
         return open_relay(fingerprint=fingerprint, layout=layout, rope=_rope_params(mc.hf_config, head_size),
                           tenant=cfg.tenant, capacity_bytes=cfg.store_capacity_bytes,
                           min_span_tokens=cfg.min_span_tokens, directory=cfg.directory, store=cfg.store,
-                          token_file=cfg.token_file, ucx_tls=cfg.ucx_tls)
+                          token_file=cfg.token_file, ucx_tls=cfg.ucx_tls, inline_bytes=cfg.store_inline_bytes)
     except StoreUnavailableError as exc:
         raise ValueError(str(exc)) from exc
     except core.RelayKVError as exc:

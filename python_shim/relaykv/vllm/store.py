@@ -53,7 +53,7 @@ def _read_token(token_file: str | None) -> str:
 def open_relay(*, fingerprint: int, layout: core.KvLayout, rope: core.RopeParams, tenant: str,
                capacity_bytes: int, min_span_tokens: int, directory: str = EMBEDDED,
                store: str | None = None, token_file: str | None = None,
-               ucx_tls: str | None = None) -> core.KvRelay:
+               ucx_tls: str | None = None, inline_bytes: int | None = None) -> core.KvRelay:
     """The KvRelay for this identity and store configuration (shared per process)."""
     if store is not None:
         raise StoreUnavailableError(
@@ -63,7 +63,7 @@ def open_relay(*, fingerprint: int, layout: core.KvLayout, rope: core.RopeParams
         raise StoreUnavailableError(
             f"relaykv: kv_connector_extra_config['directory']={directory!r}: this build has no store "
             f"client (built without UCX); use directory={EMBEDDED!r}")
-    key = _key(fingerprint, layout, rope, tenant, capacity_bytes, min_span_tokens) + (directory, ucx_tls)
+    key = _key(fingerprint, layout, rope, tenant, capacity_bytes, min_span_tokens) + (directory, ucx_tls, inline_bytes)
     with _lock:
         relay = _relays.get(key)
         if relay is None:
@@ -72,7 +72,8 @@ def open_relay(*, fingerprint: int, layout: core.KvLayout, rope: core.RopeParams
             else:
                 relay = core.KvRelay.distributed(fingerprint, layout, rope, tenant, directory=directory,
                                                  token=_read_token(token_file), ucx_tls=ucx_tls or "",
-                                                 min_span_tokens=min_span_tokens)
+                                                 min_span_tokens=min_span_tokens,
+                                                 inline_bytes=-1 if inline_bytes is None else inline_bytes)
             _relays[key] = relay
         return relay
 
