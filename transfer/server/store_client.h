@@ -65,12 +65,12 @@ struct StoreClientOptions {
   // Records up to this size travel inside the control messages: one round
   // trip per put or get instead of two or three (reserve, seal and, over UCX
   // tcp, a flush; a UCX tcp get is a round trip of its own). Measured on
-  // loopback (tests/bench/server): a 9 KB put is 1.8-2.3x faster inline on
-  // every path, a get 1.1-1.7x; at 1 MB inline is level with to 1.3x
-  // slower than one-sided over UCX tcp and 1.6-5.4x slower where one-sided
-  // is a local copy (cma or a mapping), so the default stays small. 0: never inline;
-  // at most wire::kMaxInlineBytes (4 MiB), for deployments whose control
-  // round trips cost more than that many bytes of socket copy.
+  // loopback (tests/bench/server): a 9 KB put is 1.3-2.2x faster inline,
+  // a get 1.1-2.3x (most over UCX tcp); at 1 MB inline is 1.3x slower than
+  // one-sided over UCX tcp and 2-5.4x slower where one-sided is a local copy
+  // (cma or a mapping), so the default stays small. 0: never inline; at
+  // most wire::kMaxInlineBytes (4 MiB), for deployments whose control round
+  // trips cost more than that many bytes of socket copy.
   uint64_t inline_bytes = 64 * 1024;
   // How long a call polls the control socket for its reply before it sleeps
   // (net::RecvExact): most replies come within it, and a sleeping thread's
