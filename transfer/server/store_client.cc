@@ -72,28 +72,22 @@ struct StoreClient::Impl {
   // One request/response on the control socket: the OK response body (its
   // fields start at wire::ReplyFields), or the error it carried.
   Result<std::string> Call(wire::Writer&& request, std::string_view what) {
-    Status s = wire::SendFrame(fd, std::move(request).Frame(), options.timeout);
-    if (!s.ok()) {
-      MarkBroken();
-      return s.WithContext(std::string(what) + " to " + address);
-    }
-    // Earlier replies first. Their outcome is not wanted: a release cannot
-    // fail in a way its sender could act on (the server drops every lease
-    // of a connection when it closes).
+    RELAYKV_RETURN_IF_ERROR(Send(std::move(request), what));
+    // Replies come in order: the earlier unanswered ones, then this one. The
+    // earlier outcomes are not wanted: a release cannot fail in a way its
+    // sender could act on (the server drops every lease of a connection
+    // when it closes).
+    std::string body;
     for (; unanswered > 0; --unanswered) {
-      auto earlier = wire::RecvFrame(fd, options.timeout, options.reply_spin);
-      if (!earlier.ok()) {
+      auto reply = wire::RecvFrame(fd, options.timeout, options.reply_spin);
+      if (!reply.ok()) {
         MarkBroken();
-        return earlier.status().WithContext(std::string(what) + " to " + address);
+        return reply.status().WithContext(std::string(what) + " to " + address);
       }
+      body = std::move(*reply);
     }
-    auto body = wire::RecvFrame(fd, options.timeout, options.reply_spin);
-    if (!body.ok()) {
-      MarkBroken();
-      return body.status().WithContext(std::string(what) + " to " + address);
-    }
-    RELAYKV_RETURN_IF_ERROR(wire::ReplyStatus(*body, std::string(what) + " (" + address + ")"));
-    return std::move(*body);
+    RELAYKV_RETURN_IF_ERROR(wire::ReplyStatus(body, std::string(what) + " (" + address + ")"));
+    return body;
   }
 
   Result<const RemoteDescriptor*> Segment(uint32_t index) {

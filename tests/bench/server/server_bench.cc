@@ -14,6 +14,7 @@
 // One JSON object per line on stdout.
 #include <cstdio>
 #include <regex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,36 @@ bool StartServer(Server& s, const std::string& tls, bool shared_segments) {
   return true;
 }
 
+// Clients measured side by side on one server.
+struct Way {
+  StoreClient* client;
+  std::vector<double> put, get;
+};
+
+// `rounds` rounds of put + get of `rec`, the ways interleaved so that each
+// sees the same machine; the first `warmup` rounds are not recorded. Every
+// get must return the bytes put.
+Status RoundTrips(std::span<Way> ways, const std::string& ns, const RecordBuffer& rec, int rounds,
+                  int warmup, uint64_t& next_id) {
+  RecordBuffer out;
+  for (int i = 0; i < rounds; ++i) {
+    for (Way& w : ways) {
+      const uint64_t id = next_id++;
+      double t0 = NowSeconds();
+      RELAYKV_RETURN_IF_ERROR(w.client->Put(ns, id, rec.bytes()));
+      const double t_put = NowSeconds() - t0;
+      t0 = NowSeconds();
+      RELAYKV_RETURN_IF_ERROR(w.client->Get(ns, id, &out));
+      const double t_get = NowSeconds() - t0;
+      if (out.size() != rec.size() || std::memcmp(out.data(), rec.data(), rec.size()) != 0) {
+        return DataLoss("read back different bytes");
+      }
+      if (i >= warmup) w.put.push_back(t_put), w.get.push_back(t_get);
+    }
+  }
+  return Status::Ok();
+}
+
 void BenchStore(const char* path, const std::string& tls, bool peer_errors,
                 bool shared_segments = true) {
   // RELAYKV_BENCH_ONLY=<path> runs one row set (profiling one path alone).
@@ -111,10 +142,6 @@ void BenchStore(const char* path, const std::string& tls, bool peer_errors,
       return;
     }
   }
-  struct Way {
-    StoreClient* client;
-    std::vector<double> put, get;
-  };
   const RecordMeta big = BigMeta();
   const std::string ns = RecordNamespaceKey(big);
   uint64_t next_id = 1;
@@ -126,26 +153,10 @@ void BenchStore(const char* path, const std::string& tls, bool peer_errors,
     std::vector<Way> ways = {{client->get(), {}, {}}};
     const bool fits = rec.size() <= wire::kMaxInlineBytes;
     if (fits) ways.push_back({all_inline->get(), {}, {}});
-    RecordBuffer out;
-    for (int i = 0; i < bench::Reps(target) + 1; ++i) {
-      for (Way& w : ways) {  // interleaved, so both see the same machine
-        const uint64_t id = next_id++;
-        double t0 = NowSeconds();
-        Status s = w.client->Put(ns, id, rec.bytes());
-        const double t_put = NowSeconds() - t0;
-        t0 = NowSeconds();
-        if (s.ok()) s = w.client->Get(ns, id, &out);
-        const double t_get = NowSeconds() - t0;
-        if (s.ok() &&
-            (out.size() != rec.size() || std::memcmp(out.data(), rec.data(), rec.size()) != 0)) {
-          s = DataLoss("read back different bytes");
-        }
-        if (!s.ok()) {
-          JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
-          return;
-        }
-        if (i > 0) w.put.push_back(t_put), w.get.push_back(t_get);  // first one warms up
-      }
+    // The first round warms up.
+    if (Status s = RoundTrips(ways, ns, rec, bench::Reps(target) + 1, 1, next_id); !s.ok()) {
+      JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
+      return;
     }
     for (const Way& w : ways) {
       const bool in = w.client == all_inline->get();
@@ -169,22 +180,9 @@ void BenchStore(const char* path, const std::string& tls, bool peer_errors,
   const std::string small_ns = RecordNamespaceKey(small);
   const RecordBuffer rec = MakeRecord(small, 8, 2);
   Way ways[] = {{client->get(), {}, {}}, {one_sided->get(), {}, {}}, {sleeping->get(), {}, {}}};
-  RecordBuffer out;
-  for (int i = 0; i < 220; ++i) {
-    for (Way& w : ways) {  // interleaved, so both see the same machine
-      const uint64_t id = next_id++;
-      double t0 = NowSeconds();
-      Status s = w.client->Put(small_ns, id, rec.bytes());
-      const double t_put = NowSeconds() - t0;
-      t0 = NowSeconds();
-      if (s.ok()) s = w.client->Get(small_ns, id, &out);
-      const double t_get = NowSeconds() - t0;
-      if (!s.ok()) {
-        JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
-        return;
-      }
-      if (i >= 20) w.put.push_back(t_put), w.get.push_back(t_get);
-    }
+  if (Status s = RoundTrips(ways, small_ns, rec, 220, 20, next_id); !s.ok()) {
+    JsonLine("server").Str("path", path).Str("error", s.ToString()).Print();
+    return;
   }
   for (Way& w : ways) {
     for (auto [op, v] : {std::pair{"put_small", &w.put}, std::pair{"get_small", &w.get}}) {

@@ -139,6 +139,15 @@ size_t SysvAttachments() {
   return n;
 }
 
+// A raw control connection's hello with `version`: the server's reply.
+Result<std::string> RawHello(int fd, uint32_t version = wire::kProtocolVersion) {
+  wire::Writer hello;
+  hello.U8(static_cast<uint8_t>(wire::Op::kHello)).U32(version).Str(kToken).Str("raw");
+  RELAYKV_RETURN_IF_ERROR(wire::SendFrame(fd, hello.Frame(), 2000ms));
+  RELAYKV_ASSIGN_OR_RETURN(std::string body, wire::RecvFrame(fd, 2000ms));
+  return wire::ParseReply(body, "hello");
+}
+
 class StoreServerTest : public ::testing::Test {
  protected:
   void SetUp() override { ASSERT_TRUE(server_.Start()); }
@@ -322,10 +331,7 @@ TEST_F(StoreServerTest, ProtocolVersionsOneAndTwoAreServedOthersRefused) {
     SCOPED_TRACE(version);
     auto fd = wire::ConnectTcp(server_.control(), 2000ms);
     ASSERT_TRUE(fd.ok());
-    wire::Writer hello;
-    hello.U8(static_cast<uint8_t>(wire::Op::kHello)).U32(version).Str(kToken).Str("raw");
-    ASSERT_TRUE(wire::SendFrame(*fd, hello.Frame(), 2000ms).ok());
-    auto reply = wire::ParseReply(*wire::RecvFrame(*fd, 2000ms), "hello");
+    auto reply = RawHello(*fd, version);
     if (version == 1 || version == 2) {
       ASSERT_TRUE(reply.ok()) << reply.status().ToString();
       wire::Writer lease;
@@ -434,13 +440,7 @@ TEST_F(StoreServerTest, OversizedFrameIsRefusedAndTheConnectionClosed) {
     ASSERT_TRUE(fd.ok());
     uint32_t len = 1u << 20;  // fine for a record, not for a hello
     if (authed) {
-      wire::Writer hello;
-      hello.U8(static_cast<uint8_t>(wire::Op::kHello))
-          .U32(wire::kProtocolVersion)
-          .Str(kToken)
-          .Str("raw");
-      ASSERT_TRUE(wire::SendFrame(*fd, hello.Frame(), 2000ms).ok());
-      ASSERT_TRUE(wire::ParseReply(*wire::RecvFrame(*fd, 2000ms), "hello").ok());
+      ASSERT_TRUE(RawHello(*fd).ok());
       len = wire::kMaxFrameBytes + 1;
     }
     ExpectRefusedAndClosed(*fd, len);
@@ -549,13 +549,7 @@ TEST_F(StoreServerTest, AClientThatDiesDropsItsLeases) {
     // A raw connection that leases and vanishes without releasing.
     auto fd = wire::ConnectTcp(server_.control(), 2000ms);
     ASSERT_TRUE(fd.ok());
-    wire::Writer hello;
-    hello.U8(static_cast<uint8_t>(wire::Op::kHello))
-        .U32(wire::kProtocolVersion)
-        .Str(kToken)
-        .Str("raw");
-    ASSERT_TRUE(wire::SendFrame(*fd, hello.Frame(), 2000ms).ok());
-    ASSERT_TRUE(wire::ParseReply(*wire::RecvFrame(*fd, 2000ms), "hello").ok());
+    ASSERT_TRUE(RawHello(*fd).ok());
     wire::Writer lease;
     lease.U8(static_cast<uint8_t>(wire::Op::kLease)).Str(Ns(meta)).U64(3);
     ASSERT_TRUE(wire::SendFrame(*fd, lease.Frame(), 2000ms).ok());
